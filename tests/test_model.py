@@ -1,0 +1,361 @@
+"""Checks of model.py against independent computations: per-pair loops of the paper's equations,
+published formulas recomputed here in plain Python, and invariances that must hold."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import (GPT, GPTConfig, alibi_slopes, apply_rope, rope_frequencies,  # noqa: E402
+                   tapa_attention)
+
+torch.set_num_threads(1)
+
+PES = ['tapa', 'rope', 'alibi', 'nope', 'learned']
+
+
+def tiny_config(**kw):
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=61, dropout=0.0, bias=False)
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+# ---------------------------------------------------------------------------
+# TAPA against a per-pair loop of Eq. 12
+
+
+def tapa_loop(q, k, v, alpha, theta, phase):
+    """Eq. 12 one (query, key) pair at a time, in plain Python floats."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dA = round(theta * D)
+    dP = D - dA
+    out = torch.zeros(B, H, Tq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                m = Tk - Tq + i
+                scores = []
+                for n in range(m + 1):
+                    qa, ka = q[b, h, i, :dA].tolist(), k[b, h, n, :dA].tolist()
+                    qp, kp = q[b, h, i, dA:].tolist(), k[b, h, n, dA:].tolist()
+                    amp = sum(x * y for x, y in zip(qa, ka)) / math.sqrt(dA)
+                    if phase == 'quadratic':
+                        phi = sum(x * y for x, y in zip(qp, kp)) / math.sqrt(dP)
+                    else:
+                        phi = (sum(qp) + sum(kp)) / math.sqrt(dP)
+                    scores.append(amp * math.cos(2 * math.pi * abs(m - n) ** alpha * phi))
+                mx = max(scores)
+                w = [math.exp(s - mx) for s in scores]
+                z = sum(w)
+                for n in range(m + 1):
+                    out[b, h, i] += (w[n] / z) * v[b, h, n].double()
+    return out
+
+
+@pytest.mark.parametrize('phase', ['quadratic', 'linear'])
+@pytest.mark.parametrize('impl', ['naive', 'chunked'])
+@pytest.mark.parametrize('Tq,Tk,theta,alpha', [(7, 7, 0.5, 0.1), (3, 9, 0.25, 0.5), (1, 6, 0.75, 1.0)])
+def test_tapa_matches_per_pair_loop(phase, impl, Tq, Tk, theta, alpha):
+    g = torch.Generator().manual_seed(1)
+    D = 8
+    q, k, v = (torch.randn(1, 2, T, D, generator=g) for T in (Tq, Tk, Tk))
+    out = tapa_attention(q, k, v, alpha, theta, phase, impl=impl, chunk_size=4)
+    ref = tapa_loop(q, k, v, alpha, theta, phase)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_and_quadratic_phase_differ_and_agree_where_they_should():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 6, 8, generator=g) for _ in range(3))
+    quad = tapa_attention(q, k, v, 0.1, 0.5, 'quadratic')
+    lin = tapa_attention(q, k, v, 0.1, 0.5, 'linear')
+    assert (quad - lin).abs().max() > 1e-3  # different functions
+    # with a zero phase part both reduce to NoPE on the amplitude dims: softmax(q_A.k_A/sqrt(dA))
+    q0, k0 = q.clone(), k.clone()
+    q0[..., 4:] = 0
+    k0[..., 4:] = 0
+    att = (q0[..., :4] @ k0[..., :4].transpose(-1, -2)) / 2.0
+    att = att.masked_fill(torch.ones(6, 6).triu(1).bool(), float('-inf'))
+    nope = torch.softmax(att, -1) @ v
+    for phase in ('quadratic', 'linear'):
+        torch.testing.assert_close(tapa_attention(q0, k0, v, 0.1, 0.5, phase), nope, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# chunked == naive, values and gradients
+
+
+@pytest.mark.parametrize('phase', ['quadratic', 'linear'])
+@pytest.mark.parametrize('Tq,Tk,chunk', [(37, 37, 8), (11, 45, 16), (1, 23, 5), (64, 64, 64), (30, 30, 7)])
+def test_chunked_equals_naive_values_and_grads(phase, Tq, Tk, chunk):
+    g = torch.Generator().manual_seed(Tq * 100 + Tk)
+    q, k, v = (torch.randn(2, 3, T, 16, generator=g, requires_grad=True) for T in (Tq, Tk, Tk))
+    grad = torch.randn(2, 3, Tq, 16, generator=g)
+    outs, grads = [], []
+    for impl in ('naive', 'chunked'):
+        out = tapa_attention(q, k, v, 0.1, 0.5, phase, impl=impl, chunk_size=chunk)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (q, k, v), grad))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for name, gc, gn in zip('qkv', grads[1], grads[0]):
+        torch.testing.assert_close(gc, gn, rtol=1e-4, atol=1e-4, msg=lambda m: f'd{name}: {m}')
+
+
+@pytest.mark.parametrize('phase', ['quadratic', 'linear'])
+def test_chunked_backward_passes_gradcheck(phase):
+    """Finite differences, independent of any hand-derived chain rule."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for T in (5, 7, 7))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: tapa_attention(q, k, v, 0.3, 0.5, phase, impl='chunked', chunk_size=3), (q, k, v))
+
+
+def test_chunked_tapa_works_in_bfloat16():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    ref = tapa_attention(q, k, v, 0.1, 0.5, impl='naive')
+    out = tapa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.1, 0.5, impl='chunked', chunk_size=16)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------------------
+# invalid TAPA settings
+
+
+@pytest.mark.parametrize('theta', [0.0, 1.0, 0.3, -0.5, 1.5])
+def test_bad_theta_is_rejected(theta):
+    with pytest.raises(ValueError, match='tapa_theta'):
+        GPT(tiny_config(tapa_theta=theta))  # head dim 16: theta*16 must be a whole number in 1..15
+
+
+@pytest.mark.parametrize('alpha', [0.0, -0.1, float('nan'), float('inf')])
+def test_bad_alpha_is_rejected(alpha):
+    with pytest.raises(ValueError, match='tapa_alpha'):
+        GPT(tiny_config(tapa_alpha=alpha))
+
+
+def test_bad_names_are_rejected():
+    with pytest.raises(ValueError, match='pos_encoding'):
+        GPT(tiny_config(pos_encoding='sinusoidal'))
+    with pytest.raises(ValueError, match='tapa_phase'):
+        GPT(tiny_config(tapa_phase='cubic'))
+    with pytest.raises(ValueError, match='rope_scaling'):
+        GPT(tiny_config(pos_encoding='rope', rope_scaling='longrope'))
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match='queries'):
+        tapa_attention(q, q[:, :, :3], q[:, :, :3], 0.1, 0.5)
+
+
+# ---------------------------------------------------------------------------
+# RoPE
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = torch.Generator().manual_seed(5)
+    D = 16
+    q, k = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    inv_freq, _ = rope_frequencies(D, 10000.0)
+    angles = torch.outer(torch.arange(64).float(), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    rq = apply_rope(q.expand(1, 1, 64, D), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, 64, D), cos, sin)[0, 0]
+    scores = rq @ rk.T  # scores[m, n]
+    for delta in (0, 1, 5, 17):
+        diag = torch.diagonal(scores, offset=-delta)  # all pairs with m - n = delta
+        assert diag.std() < 1e-4 * (1 + diag.abs().mean())
+    assert abs(scores[10, 3] - scores[10, 4]) > 1e-3  # and it does depend on m - n
+
+
+def test_rope_rotates_adjacent_pairs_by_pos_times_frequency():
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 0] = 1.0  # pair 0 = (1, 0)
+    x[..., 3] = 1.0  # pair 1 = (0, 1)
+    w = [1.0, 0.25]
+    pos = 3.0
+    cos = torch.tensor([[math.cos(pos * w[0]), math.cos(pos * w[1])]])
+    sin = torch.tensor([[math.sin(pos * w[0]), math.sin(pos * w[1])]])
+    y = apply_rope(x, cos, sin)[0, 0, 0]
+    expected = [math.cos(3.0), math.sin(3.0), -math.sin(0.75), math.cos(0.75)]
+    torch.testing.assert_close(y, torch.tensor(expected))
+
+
+def published_inv_freq(D, base):
+    return [1.0 / base ** (2 * i / D) for i in range(D // 2)]
+
+
+@pytest.mark.parametrize('D', [16, 64, 128])
+def test_rope_frequencies_match_published_formulas(D):
+    base, s, L = 10000.0, 4.0, 2048
+    plain = published_inv_freq(D, base)
+
+    def check(got, expected):
+        torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+    inv, scale = rope_frequencies(D, base)
+    check(inv, plain)
+    assert scale == 1.0
+    # ABF is just another base
+    check(rope_frequencies(D, 5e5)[0], published_inv_freq(D, 5e5))
+    # Position Interpolation: every frequency divided by s
+    check(rope_frequencies(D, base, 'pi', s, L)[0], [w / s for w in plain])
+    # NTK-aware: base' = base * s^(D/(D-2)); the lowest frequency ends up divided by exactly s
+    ntk, _ = rope_frequencies(D, base, 'ntk', s, L)
+    check(ntk, published_inv_freq(D, base * s ** (D / (D - 2))))
+    assert ntk[0] == 1.0 and abs(ntk[-1].item() / plain[-1] - 1 / s) < 1e-5
+    # dynamic NTK: unchanged up to the original length, then s' = s*T/L - (s-1)
+    check(rope_frequencies(D, base, 'dynamic_ntk', s, L, seq_len=L)[0], plain)
+    T = 3 * L
+    s_dyn = s * T / L - (s - 1)
+    check(rope_frequencies(D, base, 'dynamic_ntk', s, L, seq_len=T)[0],
+          published_inv_freq(D, base * s_dyn ** (D / (D - 2))))
+    # YaRN (Peng et al. 2023, Sec. 3.2-3.4, as in its reference code): ramp r(d) over pair index d
+    # between floor(d(beta_fast)) and ceil(d(beta_slow)), d(b) = D*ln(L/(2*pi*b)) / (2*ln(base))
+    lo = max(math.floor(D * math.log(L / (32 * 2 * math.pi)) / (2 * math.log(base))), 0)
+    hi = min(math.ceil(D * math.log(L / (1 * 2 * math.pi)) / (2 * math.log(base))), D - 1)
+    expected = []
+    for i, w in enumerate(plain):
+        r = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        expected.append(w * (1 - r) + (w / s) * r)
+    yarn, yarn_scale = rope_frequencies(D, base, 'yarn', s, L)
+    check(yarn, expected)
+    assert yarn_scale == pytest.approx(0.1 * math.log(s) + 1)
+    # high-frequency pairs untouched, low-frequency ones fully interpolated
+    assert yarn[0] == pytest.approx(plain[0]) and yarn[-1] == pytest.approx(plain[-1] / s)
+
+
+def test_yarn_scales_logits_by_mscale_squared():
+    cfg = tiny_config(pos_encoding='rope', rope_scaling='yarn', rope_factor=4.0, rope_original_block_size=32)
+    model = GPT(cfg)
+    cos, sin = model.rope(8, torch.device('cpu'))
+    mscale = 0.1 * math.log(4.0) + 1
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, mscale ** 2))
+
+
+# ---------------------------------------------------------------------------
+# ALiBi
+
+
+def test_alibi_slopes_are_the_papers_geometric_sequence():
+    assert alibi_slopes(8).tolist() == pytest.approx([2 ** -(i + 1) for i in range(8)])
+    assert alibi_slopes(4).tolist() == pytest.approx([2 ** -(2 * (i + 1)) for i in range(4)])
+    # 6 heads: the 4-head slopes, then every other one of the 8-head slopes
+    assert alibi_slopes(6).tolist() == pytest.approx([1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 2, 1 / 8])
+
+
+# ---------------------------------------------------------------------------
+# the whole model: causality, KV cache, lengths
+
+
+def model_variants():
+    variants = [(pe, impl) for pe in PES for impl in ('naive', 'auto')]
+    variants += [('tapa', 'chunked')]
+    return variants
+
+
+@pytest.mark.parametrize('pe,impl', model_variants())
+def test_changing_a_future_token_never_changes_past_logits(pe, impl):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_encoding=pe, attn_impl=impl)).eval()
+    idx = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        logits, _ = model(idx, targets=idx)
+        for t in (5, 13, 19):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 7) % 61
+            logits2, _ = model(changed, targets=changed)
+            torch.testing.assert_close(logits2[:, :t], logits[:, :t], rtol=0, atol=1e-5)
+            assert (logits2[:, t] - logits[:, t]).abs().max() > 1e-6  # it does change the present
+
+
+def kv_variants():
+    out = [dict(pos_encoding=pe) for pe in PES]
+    out += [dict(pos_encoding='tapa', tapa_phase='linear'), dict(pos_encoding='tapa', attn_impl='chunked')]
+    out += [dict(pos_encoding='rope', rope_scaling=s, rope_factor=2.0, rope_original_block_size=8)
+            for s in ('pi', 'ntk', 'dynamic_ntk', 'yarn')]
+    return out
+
+
+@pytest.mark.parametrize('kw', kv_variants(), ids=lambda kw: '-'.join(str(v) for v in kw.values()))
+def test_kv_cache_logits_equal_full_forward(kw):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**kw)).eval()
+    idx = torch.randint(0, 61, (2, 24))
+    with torch.no_grad():
+        full, _ = model(idx, targets=idx)  # logits at every position
+        cache = model.new_kv_cache()
+        cached = [model(idx[:, :10], kv_cache=cache)[0]]  # a prompt, then one token at a time
+        for t in range(10, 24):
+            cached.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+    cached = torch.cat(cached, dim=1)  # last-position logits of each step
+    expected = torch.cat([full[:, 9:10], full[:, 10:]], dim=1)
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_cache_matches_greedy_without_cache():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_encoding='tapa')).eval()
+    prompt = torch.randint(0, 61, (1, 5))
+    out = model.generate(prompt, 12, temperature=0)
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = model(idx)  # full forward every step, no cache
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx)
+
+
+@pytest.mark.parametrize('pe', ['tapa', 'rope', 'alibi', 'nope'])
+def test_non_learned_encodings_run_past_block_size(pe):
+    model = GPT(tiny_config(pos_encoding=pe, block_size=16)).eval()
+    idx = torch.randint(0, 61, (1, 40))
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape == (1, 40, 61) and torch.isfinite(loss)
+
+
+def test_learned_refuses_contexts_beyond_block_size():
+    model = GPT(tiny_config(pos_encoding='learned', block_size=16))
+    with pytest.raises(ValueError, match='learned position embeddings'):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match='interpolate_learned'):
+        model.change_context(32)
+    model.change_context(31, interpolate_learned=True)
+    assert model.transformer.wpe.weight.shape[0] == 31
+    model(torch.zeros(1, 31, dtype=torch.long))
+
+
+def test_change_context_records_the_original_length_for_rope():
+    model = GPT(tiny_config(pos_encoding='rope', block_size=16))
+    model.change_context(64, rope_scaling='yarn', rope_factor=4.0)
+    cfg = model.config
+    assert (cfg.block_size, cfg.rope_original_block_size, cfg.rope_scaling) == (64, 16, 'yarn')
+    with pytest.raises(ValueError, match='unknown config field'):
+        model.change_context(64, rope_sclaing='yarn')
+
+
+def test_tapa_adds_no_parameters_and_weights_are_tied():
+    counts = {pe: GPT(tiny_config(pos_encoding=pe)).get_num_params() for pe in PES}
+    assert counts['tapa'] == counts['rope'] == counts['nope'] == counts['alibi'] == counts['learned']
+    model = GPT(tiny_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # GPT-2 init: residual projections are scaled down by 1/sqrt(2 * n_layer)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(4)) < 0.003
+
+
+def test_loss_at_init_is_near_uniform_and_training_step_reduces_it():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 61, (4, 16)), torch.randint(0, 61, (4, 16))
+    _, loss = model(idx, targets=targets)
+    assert abs(loss.item() - math.log(61)) < 0.1
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    for _ in range(20):
+        _, loss2 = model(idx, targets=targets)
+        opt.zero_grad()
+        loss2.backward()
+        opt.step()
+    assert loss2.item() < loss.item() - 0.5

@@ -1,0 +1,226 @@
+"""
+Shared pieces of the data pipeline.
+
+Writing (used by every data/<name>/prepare.py):
+    prepare_splits(out_dir, dataset, tokenizer_name, {'train': [paths], ...}, source, num_proc)
+tokenizes the text files of each split in parallel and writes, per the data format:
+
+    out_dir/<split>.bin       flat np.uint16 tokens, every document followed by the EOT token
+    out_dir/<split>.docs.npy  np.int64 offsets, shape (n_docs+1,): doc i = tokens[off[i]:off[i+1]]
+    out_dir/meta.json         dataset, tokenizer, vocab_size, eot_token, dtype, splits, source
+
+Reading (used by train/eval scripts):
+    meta = read_meta(data_dir)
+    tokens, offsets = load_split(data_dir, 'train')   # tokens is a read-only np.memmap
+
+Two properties matter more than speed here:
+- Streaming: tokens are appended to the .bin file one document at a time, so a split far bigger
+  than RAM (full PG-19 is ~3B GPT-2 tokens) never has to be held in memory.
+- Atomic: every file is written under a temporary name and renamed into place (os.replace is
+  atomic), and meta.json is removed first and written last. An interrupted prepare therefore
+  leaves no meta.json, and the readers refuse a folder without one.
+"""
+
+import json
+import os
+from multiprocessing import Pool
+
+import numpy as np
+
+DTYPE = np.uint16  # GPT-2's 50257 tokens (and bytes' 256) fit in 16 bits: half the disk of int32
+
+
+def default_num_proc():
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+# -----------------------------------------------------------------------------
+# tokenizing documents in parallel
+
+# Each worker process builds its own tokenizer once (tiktoken objects are not meant to be
+# shared across processes), in the Pool initializer below.
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_name):
+    global _worker_tokenizer
+    from tokenizer import get_tokenizer
+    _worker_tokenizer = get_tokenizer(tokenizer_name)
+
+
+def _tokenize_file(path):
+    """Read one UTF-8 text file and return its tokens + EOT as a uint16 array (None if empty)."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        # decode the bytes ourselves rather than open(..., 'r'): text mode would turn '\r\n'
+        # into '\n' and the tokens would no longer decode to the file's exact contents
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8: {e}") from e
+    if not text:
+        return None
+    ids = _worker_tokenizer.encode(text)
+    out = np.empty(len(ids) + 1, dtype=DTYPE)
+    out[:-1] = ids
+    out[-1] = _worker_tokenizer.eot_token
+    return out
+
+
+def tokenize_files(paths, tokenizer_name, num_proc=None):
+    """Yield one token array per file (None for an empty file), in the order of `paths`,
+    whatever the number of processes, so the output is deterministic."""
+    num_proc = num_proc or default_num_proc()
+    if num_proc == 1 or len(paths) <= 1:
+        # no pool: simpler to debug, and no process start-up cost for tiny inputs
+        _init_worker(tokenizer_name)
+        for p in paths:
+            yield _tokenize_file(p)
+        return
+    # big chunks cut inter-process chatter for many small files (pycode); 1 for a few big books
+    chunksize = max(1, min(32, len(paths) // (num_proc * 8)))
+    with Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
+        # imap (not imap_unordered) returns results in input order
+        yield from pool.imap(_tokenize_file, paths, chunksize=chunksize)
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def _save_npy_atomic(path, arr):
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:  # a file object, so np.save doesn't append '.npy' to the name
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def write_split(out_dir, split, paths, tokenizer_name, num_proc=None, quiet=False):
+    """Tokenize `paths` (one document per file) into out_dir/<split>.bin and .docs.npy.
+    Returns {'tokens': n_tokens, 'docs': n_docs}."""
+    from tqdm import tqdm
+    bin_path = os.path.join(out_dir, f'{split}.bin')
+    offsets = [0]
+    # The .bin file is just the raw uint16 array, exactly what np.memmap(dtype=np.uint16) reads.
+    # We append document by document instead of pre-sizing an np.memmap, because the total
+    # token count isn't known until everything has been tokenized.
+    with open(bin_path + '.tmp', 'wb') as f:
+        docs = tokenize_files(paths, tokenizer_name, num_proc)
+        for arr in tqdm(docs, total=len(paths), desc=f'{split:>10}', unit='doc', disable=quiet):
+            if arr is None:
+                continue  # empty file: no document (a lone EOT would only be noise)
+            arr.tofile(f)
+            offsets.append(offsets[-1] + len(arr))
+    if len(offsets) == 1:
+        os.remove(bin_path + '.tmp')
+        raise ValueError(f"split {split!r} has no non-empty documents; nothing to write")
+    os.replace(bin_path + '.tmp', bin_path)
+    _save_npy_atomic(os.path.join(out_dir, f'{split}.docs.npy'), np.array(offsets, dtype=np.int64))
+    return {'tokens': offsets[-1], 'docs': len(offsets) - 1}
+
+
+def write_meta(out_dir, meta):
+    path = os.path.join(out_dir, 'meta.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=2)
+        f.write('\n')
+    os.replace(path + '.tmp', path)
+
+
+def prepare_splits(out_dir, dataset, tokenizer_name, split_paths, source, num_proc=None, quiet=False):
+    """Tokenize every split of a dataset into out_dir and write meta.json last.
+    split_paths: {split name: list of text file paths, one document each}, in the wanted order."""
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer(tokenizer_name)  # fail early (e.g. tiktoken offline) before any work
+    assert tok.vocab_size <= np.iinfo(DTYPE).max + 1, "tokens must fit in uint16"
+    os.makedirs(out_dir, exist_ok=True)
+    # an older meta.json would vouch for files we are about to overwrite: remove it first
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):
+        os.remove(os.path.join(out_dir, 'meta.json'))
+    splits = {}
+    for split, paths in split_paths.items():
+        splits[split] = write_split(out_dir, split, paths, tokenizer_name, num_proc, quiet)
+    meta = {
+        'dataset': dataset,
+        'tokenizer': tok.name,
+        'vocab_size': tok.vocab_size,
+        'eot_token': tok.eot_token,
+        'dtype': 'uint16',
+        'splits': splits,
+        'source': source,
+    }
+    write_meta(out_dir, meta)
+    if not quiet:
+        for split, s in splits.items():
+            print(f"{split}: {s['docs']:,} docs, {s['tokens']:,} tokens")
+        print(f"wrote {out_dir}")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# reading (train/eval scripts)
+
+def prepare_command(data_dir):
+    """The command that (re)creates data_dir, for error messages. Assumes the standard layout
+    data/<dataset>/<tokenizer>/ and that commands are run from the repository root."""
+    data_dir = os.path.normpath(data_dir)
+    tokenizer = os.path.basename(data_dir)
+    dataset = os.path.basename(os.path.dirname(data_dir))
+    cmd = f"python data/{dataset}/prepare.py"
+    if tokenizer in ('gpt2', 'byte'):
+        cmd += f" --tokenizer {tokenizer}"
+    if dataset == 'pg19':
+        # the small local copy; leave --source out to download the full benchmark instead
+        cmd += " --source ../shared/data/pg19_mini"
+    if data_dir != os.path.join('data', dataset, tokenizer) and not data_dir.endswith(
+            os.sep + os.path.join('data', dataset, tokenizer)):
+        cmd += f" --out_dir {data_dir}"
+    return cmd
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no prepared data in {data_dir} ({path} is missing; an interrupted prepare leaves "
+            f"none either). Prepare it first:\n    {prepare_command(data_dir)}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_split(data_dir, split):
+    """Return (tokens, offsets) of one split: tokens a read-only np.memmap of uint16 (nothing is
+    read into RAM until sliced), offsets an int64 array with document i = tokens[off[i]:off[i+1]].
+    Checks the files against meta.json so a stale or broken folder fails loudly here."""
+    meta = read_meta(data_dir)
+    cmd = prepare_command(data_dir)
+    if split not in meta['splits']:
+        raise ValueError(f"{data_dir} has no split {split!r} (it has {list(meta['splits'])}). "
+                         f"To re-prepare it:\n    {cmd}")
+    bin_path = os.path.join(data_dir, f'{split}.bin')
+    docs_path = os.path.join(data_dir, f'{split}.docs.npy')
+    for p in (bin_path, docs_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} is missing. Prepare the data again:\n    {cmd}")
+
+    def broken(why):
+        return ValueError(f"prepared data in {data_dir} is inconsistent: {why}. "
+                          f"Prepare it again:\n    {cmd}")
+
+    expected = meta['splits'][split]
+    n_tokens = os.path.getsize(bin_path) // np.dtype(DTYPE).itemsize
+    if meta.get('dtype') != 'uint16' or os.path.getsize(bin_path) % np.dtype(DTYPE).itemsize:
+        raise broken(f"{bin_path} is not a uint16 token file")
+    if n_tokens != expected['tokens']:
+        raise broken(f"{bin_path} holds {n_tokens} tokens, meta.json says {expected['tokens']}")
+    offsets = np.load(docs_path)
+    if offsets.ndim != 1 or len(offsets) != expected['docs'] + 1:
+        raise broken(f"{docs_path} has shape {offsets.shape}, expected ({expected['docs'] + 1},)")
+    if offsets[0] != 0 or offsets[-1] != n_tokens:
+        raise broken(f"offsets run from {offsets[0]} to {offsets[-1]}, expected 0 to {n_tokens}")
+    if not np.all(np.diff(offsets) > 0):
+        raise broken(f"{docs_path} offsets are not strictly increasing")
+    tokens = np.memmap(bin_path, dtype=DTYPE, mode='r')
+    # every document ends with EOT (reads one token per document, cheap even for big splits)
+    if not np.all(tokens[offsets[1:] - 1] == meta['eot_token']):
+        raise broken("some document does not end with the EOT token")
+    return tokens, offsets

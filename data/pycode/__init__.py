@@ -1,0 +1,1 @@
+# (package marker, so train.py can `from data.pycode.prepare import ...`)

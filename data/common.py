@@ -165,6 +165,9 @@ def prepare_command(data_dir):
     data_dir = os.path.normpath(data_dir)
     tokenizer = os.path.basename(data_dir)
     dataset = os.path.basename(os.path.dirname(data_dir))
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset, 'prepare.py')):
+        # not the data/<dataset>/<tokenizer>/ layout: we can't guess which dataset it was
+        return f"python data/<dataset>/prepare.py --out_dir {data_dir}"
     cmd = f"python data/{dataset}/prepare.py"
     if tokenizer in ('gpt2', 'byte'):
         cmd += f" --tokenizer {tokenizer}"

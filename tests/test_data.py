@@ -241,7 +241,7 @@ class FakeBucket:
         self.cut_once = set(cut_once)
         self.listed_size = listed_size or {}
         self.listed_md5 = listed_md5 or {}
-        self.log = []  # (name, Range header)
+        self.log = []  # (name, Range header) per object request, ('LIST', query) per listing
         bucket = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -253,6 +253,7 @@ class FakeBucket:
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 if url.path == f'/storage/v1/b/{BUCKET}/o':
+                    bucket.log.append(('LIST', url.query))
                     return self.listing(urllib.parse.parse_qs(url.query))
                 name = urllib.parse.unquote(url.path[len(f'/{BUCKET}/'):])
                 if not url.path.startswith(f'/{BUCKET}/') or name not in bucket.objects:
@@ -375,7 +376,8 @@ def test_pg19_download_end_to_end(tmp_path, fast_retries):
                 '--out_dir', out, '--num_books', '3', '--num_proc', '1', '--quiet']
         pg19.main(argv)
         n_requests = len(bucket.log)
-        pg19.main(argv)  # everything is complete and the listing cached: no book is fetched again
+        # everything is complete and the listings cached: a second run needs no network at all
+        pg19.main(argv)
         assert len(bucket.log) == n_requests
     # first three by numeric id (2, 9, 10; a string sort would give 10, 100, 2)
     expected = {'train': [2, 9, 10], 'validation': [7], 'test': [4, 30]}
@@ -383,6 +385,8 @@ def test_pg19_download_end_to_end(tmp_path, fast_retries):
         check_documents(out, split, [objects[f'{split}/{i}.txt'].decode() for i in want], 'byte')
         assert sorted(os.listdir(os.path.join(raw, split))) == sorted(f'{i}.txt' for i in want)
     assert open(os.path.join(raw, 'metadata.csv'), 'rb').read() == objects['metadata.csv']
+    # listings: train in 3 pages of 2 (5 objects), validation 1, test 1, metadata.csv 1
+    assert sum(name == 'LIST' for name, _ in bucket.log) == 6
     assert ('train/10.txt', None) in bucket.log and any(
         name == 'train/10.txt' and rng for name, rng in bucket.log)  # resumed after the cut
 

@@ -254,11 +254,14 @@ def download_split(base_url, split, download_dir, num_books=None, workers=8, qui
 
 def download_metadata(base_url, download_dir):
     """metadata.csv (titles, publication dates) alongside the books; kept for reference."""
+    dest = os.path.join(download_dir, 'metadata.csv')
+    if os.path.exists(dest):
+        return dest  # only ever renamed into place once complete and verified
     items = [it for it in fetch_listing(base_url, 'metadata.csv') if it['name'] == 'metadata.csv']
     if not items:
         raise DownloadError(f"metadata.csv is not listed at {listing_url(base_url)}")
-    return download_file(base_url + 'metadata.csv', os.path.join(download_dir, 'metadata.csv'),
-                         int(items[0]['size']), items[0].get('md5Hash'))
+    return download_file(base_url + 'metadata.csv', dest, int(items[0]['size']),
+                         items[0].get('md5Hash'))
 
 
 # -----------------------------------------------------------------------------

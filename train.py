@@ -1,0 +1,543 @@
+"""
+Train a GPT with a pluggable positional encoding, nanoGPT style.
+
+    python train.py configs/quickstart.py                    # laptop CPU, a few minutes
+    python train.py configs/tiny_rope.py --max_iters=500     # a config file, then any --key=value
+    python train.py configs/pg19_gpt2_tapa.py                # one 24 GB GPU
+    python train.py --out_dir=out-quickstart --init_from=resume   # continue an interrupted run
+
+Everything goes to out_dir: ckpt.pt (model, optimizer and every random state, so a resumed run
+continues exactly where it stopped) and log.jsonl (a JSON line per log_interval and per evaluation).
+
+Reuse: the whole run is the function train(overrides, model=None). finetune_long.py calls it with a
+pretrained model whose context it has raised (model.change_context), and so gets this same loop:
+data, learning rate schedule, evaluation, checkpoints, logging, resume. Other scripts use
+get_overrides (configurator.py), load_checkpoint and model_from_checkpoint from here.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configurator import ConfigError, allowed_types, check_value, get_overrides, unknown_key_error
+from model import GPT, GPTConfig, check_config
+
+# -----------------------------------------------------------------------------
+# default settings, overridden by a config file and --key=value (see configurator.py)
+# I/O
+out_dir = 'out'
+eval_interval = 250          # evaluate (and maybe save a checkpoint) every this many iterations
+log_interval = 10            # a log line every this many iterations
+eval_iters = 50              # batches per loss estimate
+eval_only = False            # evaluate once and exit
+always_save_checkpoint = False  # save at every evaluation, not only when the val loss improves
+init_from = 'scratch'        # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# data
+dataset = 'pycode'
+tokenizer = 'byte'           # 'byte' or 'gpt2'
+data_dir = ''                # '' = data/<dataset>/<tokenizer> in this repository
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (simulates a larger batch)
+batch_size = 12              # sequences per micro-batch
+block_size = 256             # the training context, in tokens
+# model: every GPTConfig field (model.py explains each) except vocab_size, which the data decides
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+bias = False
+pos_encoding = 'tapa'        # 'tapa', 'rope', 'alibi', 'nope' or 'learned'
+tapa_alpha = 0.1
+tapa_theta = 0.5
+tapa_phase = 'quadratic'
+rope_base = 10000.0
+rope_scaling = None
+rope_factor = 1.0
+rope_original_block_size = None
+yarn_beta_fast = 32.0
+yarn_beta_slow = 1.0
+attn_impl = 'auto'
+# AdamW
+learning_rate = 1e-3         # the peak learning rate
+max_iters = 5000             # optimizer steps in total
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0              # clip the gradient norm at this value (0 = off)
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000        # ~= max_iters, as in the Chinchilla paper
+min_lr = 1e-4                # ~= learning_rate / 10
+# system
+device = 'auto'              # 'auto' (cuda > mps > cpu), or e.g. 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'               # 'auto' (bfloat16 where supported, else float16 on CUDA; float32 elsewhere)
+compile = 'auto'             # torch.compile the model: True, False or 'auto' (= on CUDA only)
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))]
+DEFAULTS = {k: globals()[k] for k in config_keys}
+# what the settings whose type their default doesn't tell may also be
+OPTIONAL_TYPES = {'rope_scaling': str, 'rope_original_block_size': int, 'compile': bool}
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
+# the settings that shape the weights: a checkpoint's (or a given model's) values must win over them.
+# dropout and attn_impl may change (attn_impl computes the same function, only faster or leaner).
+ARCH_KEYS = [k for k in MODEL_KEYS if k not in ('dropout', 'attn_impl')]
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+FORMAT_VERSION = 1
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num',
+                   'best_val_loss', 'rng', 'format_version')
+EVAL_SEED = 2024  # the fixed evaluation batches (see estimate_loss)
+
+
+class TrainError(RuntimeError):
+    """A problem with the data, a checkpoint or the run itself; the message says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+def check_settings(cfg):
+    """Catch impossible settings before any work (preparing data, building the model) is done."""
+    def fail(msg):
+        raise ConfigError(msg)
+    if cfg['init_from'] not in ('scratch', 'resume'):
+        fail(f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
+    if cfg['compile'] not in (True, False, 'auto'):
+        fail(f"compile={cfg['compile']!r} must be True, False or 'auto'")
+    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
+        fail(f"dtype={cfg['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
+    for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+              'log_interval', 'eval_iters'):
+        if cfg[k] < 1:
+            fail(f"{k}={cfg[k]} must be at least 1")
+    if cfg['max_iters'] < 0:
+        fail(f"max_iters={cfg['max_iters']} must be >= 0")
+    if cfg['decay_lr'] and cfg['lr_decay_iters'] <= cfg['warmup_iters']:
+        fail(f"lr_decay_iters={cfg['lr_decay_iters']} must be larger than warmup_iters={cfg['warmup_iters']}")
+    try:  # the model's own checks (positional encoding names, head sizes, TAPA's split...)
+        check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
+    except ValueError as e:
+        fail(str(e))
+
+
+def resolve_config(overrides, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES, model=None):
+    """The full settings of a run: defaults < (on resume) the checkpoint's settings < overrides.
+    On resume, and when a model is given, its architecture wins; an explicit setting that disagrees
+    with it is an error rather than silently ignored. Returns (cfg, checkpoint or None)."""
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise unknown_key_error(key, defaults, 'passed to train()')
+        overrides[key] = check_value(key, value, allowed_types(key, defaults, optional_types), 'passed to train()')
+    cfg = {**defaults, **overrides}
+    checkpoint, arch, source = None, None, None
+    if cfg['init_from'] == 'resume':
+        if model is not None:
+            raise ConfigError("init_from='resume' takes the model from the checkpoint; don't pass a model too")
+        checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
+        # the checkpoint's settings replace the defaults, so resuming needs no config file
+        saved = {k: v for k, v in checkpoint['config'].items() if k in defaults}
+        cfg = {**defaults, **saved, **overrides, 'out_dir': cfg['out_dir'], 'init_from': 'resume'}
+        # the tokenizer is part of the model too (its embedding rows mean its tokens)
+        arch = {**checkpoint['model_args'], 'tokenizer': checkpoint['config'].get('tokenizer')}
+        source = f"the checkpoint {cfg['out_dir']}/ckpt.pt"
+    elif model is not None:
+        arch, source = asdict(model.config), "the model passed to train()"
+    if arch is not None:
+        conflicts = [f"{k}={overrides[k]!r} (it has {arch[k]!r})" for k in ARCH_KEYS + ['tokenizer']
+                     if k in overrides and k in arch and overrides[k] != arch[k]]
+        if conflicts:
+            raise ConfigError(f"these settings conflict with {source}: {', '.join(conflicts)}. "
+                              f"Its architecture cannot change; drop them (or start a new out_dir)")
+        cfg.update({k: arch[k] for k in ARCH_KEYS})
+    check_settings(cfg)
+    return cfg, checkpoint
+
+
+def pick_device(name):
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def pick_dtype(name, device):
+    """bfloat16 where the GPU has it (same range as float32: no loss scaling needed), else float16
+    with a GradScaler on CUDA; float32 on CPU and MPS, where mixed precision rarely pays off."""
+    if name == 'auto':
+        if device.type == 'cuda':
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return 'float32'
+    if name == 'float16' and device.type != 'cuda':
+        raise ConfigError("dtype='float16' needs loss scaling, which this script does on CUDA only; "
+                          "use 'bfloat16' or 'float32'")
+    return name
+
+
+# -----------------------------------------------------------------------------
+# data: data/<dataset>/<tokenizer>/{train,validation}.bin, flat uint16 tokens (see data/common.py)
+
+def find_data(cfg):
+    """Check the prepared data (preparing pycode on first use) and return (data_dir, meta, bin paths)."""
+    from data.common import load_split, read_meta
+    data_dir = cfg['data_dir'] or os.path.join(REPO_ROOT, 'data', cfg['dataset'], cfg['tokenizer'])
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        if cfg['dataset'] == 'pycode':  # the small built-in dataset: no reason to make anyone ask for it
+            print(f"no prepared data in {data_dir}: preparing the pycode dataset "
+                  f"({cfg['tokenizer']} tokenizer) now, on first use")
+            from data.pycode.prepare import prepare
+            prepare(tokenizer=cfg['tokenizer'], out_dir=data_dir)
+        elif not cfg['data_dir'] and not os.path.exists(os.path.join(REPO_ROOT, 'data', cfg['dataset'], 'prepare.py')):
+            known = sorted(d for d in os.listdir(os.path.join(REPO_ROOT, 'data'))
+                           if os.path.exists(os.path.join(REPO_ROOT, 'data', d, 'prepare.py')))
+            raise TrainError(f"unknown dataset {cfg['dataset']!r} (there is no data/{cfg['dataset']}/prepare.py); "
+                             f"the datasets are: {', '.join(known)}")
+    try:  # read_meta and load_split check the files and name the prepare command if they are missing
+        meta = read_meta(data_dir)
+        lengths = {split: len(load_split(data_dir, split)[0]) for split in ('train', 'validation')}
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from e
+    if meta['tokenizer'] != cfg['tokenizer']:
+        raise TrainError(f"{data_dir} holds {meta['tokenizer']} tokens but tokenizer={cfg['tokenizer']!r}")
+    for split, n in lengths.items():
+        if n < cfg['block_size'] + 1:  # a window is block_size inputs plus the one token after them
+            raise TrainError(f"the {split} split of {data_dir} has {n:,} tokens, too few for one window of "
+                             f"block_size+1 = {cfg['block_size'] + 1:,}; lower block_size or use more data")
+    paths = {split: os.path.join(data_dir, f'{split}.bin') for split in lengths}
+    return data_dir, meta, paths, lengths
+
+
+def get_batch(path, batch_size, block_size, generator, device):
+    """batch_size windows of block_size+1 consecutive tokens at random places: x is the first
+    block_size tokens of each, y the same shifted by one (the next token to predict at every position).
+    Windows may span a document boundary (the EOT token between documents marks it)."""
+    # open the memmap anew for every batch: a long-lived np.memmap keeps growing in memory (nanoGPT's fix)
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
+    x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    if device.type == 'cuda':
+        # page-locked memory lets the copy to the GPU run in the background (non_blocking)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# learning rate and evaluation
+
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, cosine decay to min_lr until lr_decay_iters, then min_lr."""
+    if not cfg['decay_lr']:
+        return cfg['learning_rate']
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it > cfg['lr_decay_iters']:
+        return cfg['min_lr']
+    ratio = (it - cfg['warmup_iters']) / (cfg['lr_decay_iters'] - cfg['warmup_iters'])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # goes from 1 to 0
+    return cfg['min_lr'] + coeff * (cfg['learning_rate'] - cfg['min_lr'])
+
+
+@torch.no_grad()
+def estimate_loss(model, paths, cfg, device, autocast):
+    """Mean loss over eval_iters batches of each split. The batches come from a generator with a fixed
+    seed, made anew at each call: every evaluation of every run sees the *same* batches, so two val
+    losses differ because the models differ, not because of sampling noise. It also leaves the
+    training's random streams (batches, dropout) untouched, which an exact resume relies on."""
+    model.eval()  # no dropout, so no random draws here either
+    out = {}
+    for i, split in enumerate(('train', 'validation')):
+        generator = torch.Generator().manual_seed(EVAL_SEED + i)
+        losses = torch.zeros(cfg['eval_iters'])
+        for k in range(cfg['eval_iters']):
+            X, Y = get_batch(paths[split], cfg['batch_size'], cfg['block_size'], generator, device)
+            with autocast:
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: everything needed to continue the run as if it had never stopped
+
+def rng_states(batch_generator):
+    """Every random stream: python and numpy (unused by this loop, saved for scripts that do),
+    torch's (dropout), CUDA's, and the generator that picks the training batches."""
+    np_state = np.random.get_state()
+    return {'python': random.getstate(),
+            # the numpy array as a list keeps the checkpoint loadable with torch.load(weights_only=True)
+            'numpy': (np_state[0], np_state[1].tolist()) + tuple(np_state[2:]),
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            'batches': batch_generator.get_state()}
+
+
+def set_rng_states(states, batch_generator):
+    random.setstate(states['python'])
+    np.random.set_state((states['numpy'][0], np.array(states['numpy'][1], dtype=np.uint32)) + tuple(states['numpy'][2:]))
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+    batch_generator.set_state(states['batches'])
+
+
+def save_checkpoint(checkpoint, out_dir):
+    """Write to a temporary file, then rename: an interruption mid-write leaves the old ckpt.pt intact."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)  # atomic
+    return path
+
+
+def load_checkpoint(path):
+    """Read and check a ckpt.pt written by this script (onto the CPU)."""
+    if not os.path.exists(path):
+        raise TrainError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
+                         f"or point --out_dir at the folder that holds ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [''])[0][:200]
+        raise TrainError(f"cannot read the checkpoint {path} ({type(e).__name__}: {first_line}); it is "
+                         f"truncated or corrupt (an interrupted copy?). Delete it, or start over with "
+                         f"--init_from=scratch") from e
+    if not isinstance(checkpoint, dict):
+        raise TrainError(f"{path} is not a checkpoint of this code (it holds a {type(checkpoint).__name__})")
+    if 'format_version' in checkpoint and checkpoint['format_version'] != FORMAT_VERSION:
+        raise TrainError(f"{path} has checkpoint format version {checkpoint['format_version']}, "
+                         f"this code reads version {FORMAT_VERSION}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise TrainError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by this train.py")
+    return checkpoint
+
+
+def strip_compile_prefix(state_dict):
+    """A torch.compile'd model names every weight '_orig_mod.<name>'; loading must not care."""
+    prefix = '_orig_mod.'
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def model_from_checkpoint(checkpoint, **config_overrides):
+    """The GPT of a checkpoint, on the CPU; config_overrides change e.g. attn_impl."""
+    model = GPT(GPTConfig(**{**checkpoint['model_args'], **config_overrides}))
+    model.load_state_dict(strip_compile_prefix(checkpoint['model']))
+    return model
+
+
+def trim_log(log_path, iter_num):
+    """Keep the log lines from before the checkpoint at iter_num: an interrupted run may have logged
+    further, and the resumed run will log those iterations again."""
+    if not os.path.exists(log_path):
+        return
+    keep = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if rec['iter'] < iter_num or (rec['iter'] == iter_num and rec['kind'] == 'eval'):
+                keep.append(line if line.endswith('\n') else line + '\n')
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(log_path + '.tmp', log_path)
+
+
+# -----------------------------------------------------------------------------
+# the training run
+
+def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES):
+    """Run training with these settings (as returned by get_overrides; the rest are defaults).
+    model: start from this model instead of a new one (iteration 0, a fresh optimizer); its
+    architecture wins over the settings. defaults: a script that reuses this loop with settings of
+    its own passes its defaults (a superset of DEFAULTS, with optional_types for those defaulting to
+    None); they are saved in the checkpoint too.
+    Returns {'iter_num', 'best_val_loss', 'val_loss', 'model'}."""
+    cfg, checkpoint = resolve_config(dict(overrides), defaults, optional_types, model)
+    out_dir, gas = cfg['out_dir'], cfg['gradient_accumulation_steps']
+    device = pick_device(cfg['device'])
+    dtype = pick_dtype(cfg['dtype'], device)
+    ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
+
+    random.seed(cfg['seed'])
+    np.random.seed(cfg['seed'])
+    torch.manual_seed(cfg['seed'])  # weight init and dropout
+    # a generator of its own for picking training batches: the batch sequence is then a pure function
+    # of the seed (dropout or evaluation draw nothing from it), and its state is easy to checkpoint
+    batch_generator = torch.Generator().manual_seed(cfg['seed'])
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: much faster, ample precision
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device.type, dtype=ptdtype)
+
+    data_dir, meta, paths, lengths = find_data(cfg)
+    # GPT-2's 50257 tokens padded up to a multiple of 64 (50304): faster matmuls, the extra rows go unused
+    vocab_size = -(-meta['vocab_size'] // 64) * 64
+    if checkpoint is not None:  # its vocab_size too (the other architecture settings are in cfg already)
+        vocab_size = checkpoint['model_args']['vocab_size']
+    if model is None:
+        model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=vocab_size))
+    if model.config.vocab_size < meta['vocab_size']:
+        raise TrainError(f"the model has {model.config.vocab_size} token embeddings but {data_dir} "
+                         f"uses {meta['vocab_size']} tokens: it was trained with another tokenizer")
+    model.to(device)
+    # float16 gradients underflow without loss scaling; bfloat16 and float32 need none (no-op then)
+    scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), device.type)
+    iter_num, best_val_loss, elapsed_before = 0, float('inf'), 0.0
+    os.makedirs(out_dir, exist_ok=True)
+    if checkpoint is not None:
+        model.load_state_dict(strip_compile_prefix(checkpoint['model']))
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        for group in optimizer.param_groups:  # the saved betas would otherwise win over this run's
+            group['betas'] = (cfg['beta1'], cfg['beta2'])
+        optimizer.param_groups[0]['weight_decay'] = cfg['weight_decay']  # group 0: the matrices
+        if checkpoint['scaler'] is not None and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint['scaler'])
+        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+        elapsed_before = checkpoint.get('elapsed_s', 0.0)
+        # last, after building the model (whose initialization drew random numbers)
+        set_rng_states(checkpoint['rng'], batch_generator)
+        if not cfg['eval_only']:
+            trim_log(log_path, iter_num)
+        print(f"resuming from {ckpt_path} at iter {iter_num} (settings not given come from the checkpoint)")
+        checkpoint = None  # free the memory
+    elif not cfg['eval_only']:
+        if os.path.exists(ckpt_path):
+            print(f"note: {ckpt_path} exists and will be overwritten at the first save "
+                  f"(--init_from=resume continues it instead)")
+        open(log_path, 'w').close()  # a new run, a new log
+    use_compile = device.type == 'cuda' if cfg['compile'] == 'auto' else cfg['compile']
+    raw_model = model  # the plain module: its state_dict has no '_orig_mod.' prefixes
+    if use_compile:
+        model = torch.compile(model)
+
+    tokens_per_iter = gas * cfg['batch_size'] * cfg['block_size']
+    print(f"device {device}, dtype {dtype}, compile {use_compile}")
+    print(f"data {data_dir}: {lengths['train']:,} train / {lengths['validation']:,} validation tokens, "
+          f"vocab {meta['vocab_size']} ({meta['tokenizer']})")
+    print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.config.pos_encoding}, "
+          f"{raw_model.config.n_layer} layers, n_embd {raw_model.config.n_embd}, context {cfg['block_size']}")
+    print(f"tokens per iteration: {gas} x {cfg['batch_size']} x {cfg['block_size']} = {tokens_per_iter:,}")
+
+    def log(record):
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+    def make_checkpoint():
+        return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+                'model_args': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
+                'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator),
+                'elapsed_s': time.time() - t_start, 'format_version': FORMAT_VERSION}
+
+    def last_good():
+        if not os.path.exists(ckpt_path):
+            return "no checkpoint had been written yet"
+        try:
+            return f"{ckpt_path} (iter {load_checkpoint(ckpt_path)['iter_num']}) is the last good checkpoint"
+        except TrainError:
+            return f"{ckpt_path} is the last checkpoint, but it cannot be read"
+
+    start_iter, resumed = iter_num, cfg['init_from'] == 'resume'
+    losses = {}
+    t_start = time.time() - elapsed_before  # elapsed time carries on across resumes
+    t_last, iters_since_log = time.time(), 0
+    bar = tqdm(total=cfg['max_iters'], initial=min(iter_num, cfg['max_iters']), unit='it', dynamic_ncols=True)
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            at_end = iter_num >= cfg['max_iters']
+
+            # evaluate; save when the val loss improved (or always_save_checkpoint), and at the end.
+            # A resumed run skips the evaluation at its first iteration: it happened before the save.
+            if cfg['eval_only'] or ((iter_num % cfg['eval_interval'] == 0 or at_end)
+                                    and not (resumed and iter_num == start_iter)):
+                losses = estimate_loss(model, paths, cfg, device, autocast)
+                tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
+                if cfg['eval_only']:
+                    break
+                if not math.isfinite(losses['validation']):
+                    raise TrainError(f"the validation loss is {losses['validation']} at iter {iter_num}: training "
+                                     f"diverged. Nothing was saved from this state; {last_good()}. Try a lower "
+                                     f"learning_rate or a longer warmup")
+                log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'],
+                     'val_loss': losses['validation'], 'lr': lr, 'elapsed_s': round(time.time() - t_start, 3)})
+                improved = losses['validation'] < best_val_loss
+                best_val_loss = min(best_val_loss, losses['validation'])
+                if iter_num > 0 and (improved or cfg['always_save_checkpoint'] or at_end):
+                    save_checkpoint(make_checkpoint(), out_dir)
+                    tqdm.write(f"saved {ckpt_path}")
+                t_last, iters_since_log = time.time(), 0  # evaluation time doesn't count towards tokens/s
+            if at_end:
+                break
+
+            # one optimizer step over gradient_accumulation_steps micro-batches. The batches are drawn
+            # at the start of each micro-step (nanoGPT prefetches the next one instead): the batch
+            # generator's state at the top of an iteration is then exactly what a checkpoint must hold.
+            # On a GPU the next batch is still prepared while the previous backward pass runs.
+            loss_sum = 0.0
+            for micro_step in range(gas):
+                X, Y = get_batch(paths['train'], cfg['batch_size'], cfg['block_size'], batch_generator, device)
+                with autocast:
+                    _, loss = model(X, Y)
+                loss_sum = loss_sum + loss.detach()
+                # dividing by gas makes the accumulated gradient that of the mean loss over the micro-batches
+                scaler.scale(loss / gas).backward()
+            # one GPU sync per iteration: the price of stopping at the first bad step, before it is applied
+            loss_value = loss_sum.item() / gas
+            if not math.isfinite(loss_value):
+                raise TrainError(f"the loss is {loss_value} at iter {iter_num}: training diverged. Stopped before "
+                                 f"applying this step and saved nothing; {last_good()}. Try a lower learning_rate "
+                                 f"(peak {cfg['learning_rate']:g}) or a longer warmup")
+            if cfg['grad_clip'] > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients' memory right away
+
+            iters_since_log += 1
+            if iter_num % cfg['log_interval'] == 0:
+                now = time.time()
+                tokens_per_s = tokens_per_iter * iters_since_log / max(now - t_last, 1e-9)
+                t_last, iters_since_log = now, 0
+                log({'kind': 'train', 'iter': iter_num, 'loss': loss_value, 'lr': lr,
+                     'tokens_per_s': round(tokens_per_s, 1), 'elapsed_s': round(now - t_start, 3)})
+                bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', tok_s=f'{tokens_per_s:,.0f}')
+            iter_num += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'val_loss': losses.get('validation'),
+            'model': raw_model}
+
+
+if __name__ == '__main__':
+    try:
+        train(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES))
+    except (ConfigError, TrainError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,546 @@
+"""
+Long-context perplexity: how well do trained models predict text at contexts up to 16x the length
+they were trained at? This is where positional encodings part ways. RoPE's perplexity explodes past
+the trained length (its slowly rotating dims reach angles never seen in training); its long-context
+family (PI, NTK, YaRN, a larger base) pushes the explosion further out; TAPA should stay flat.
+
+    python eval_ppl.py --ckpt=out-tapa,out-rope
+    python eval_ppl.py --ckpt=out-rope --rope_scaling=yarn --rope_factor=16 --out=out-rope/ppl_yarn16
+    python eval_ppl.py --ckpt=out-tapa --lengths=256,1024,4096 --max_docs=4 --max_tokens_per_length=20000
+
+--ckpt takes out_dirs or paths to ckpt.pt files, comma-separated. The result is a markdown table on
+stdout (rows = checkpoints, columns = context lengths) and, next to the --out prefix (default
+<first out_dir>/ppl), the same table as .md, every number as .json and .csv, and a plot as .png
+(when matplotlib is installed).
+
+The protocol: sliding windows (Press et al. 2021, "Train Short, Test Long"; as in YaRN and the TAPA
+paper). At context length L with stride S, each document is read in windows of L tokens that move
+forward S tokens at a time, and each window scores only the S tokens it adds, so every scored token
+has at least L-S tokens of context; the first window of a document scores all its tokens, with
+whatever context exists. Every token of a document except its first is scored exactly once. See
+sliding_windows() below for the exact rule. S = L gives back-to-back chunks (cheapest, but then the
+average token has only L/2 of context); the default S = 256 is the usual choice.
+
+Only documents that hold at least one full window (L + 1 tokens: L inputs and the token after them)
+are used at length L; how many documents and tokens each length used is printed and saved.
+--max_docs and --max_tokens_per_length bound the cost, deterministically: documents are taken in
+the split's order, and the token budget is shared evenly among them, each document contributing
+its first tokens (at least one full window). Note that a budget of one window per document turns
+the protocol into "score the first L tokens of each document", as YaRN's evaluation does.
+Cost: each window is a full forward pass of L tokens that scores only S of them, so a length costs
+about (scored tokens / S) * (cost of an L-token forward pass). On a laptop CPU, lower
+--max_tokens_per_length or the largest length first; on a GPU, raise them.
+
+Inference-time context extension (no fine-tuning) is an override of the checkpoint's config:
+--rope_scaling={pi,ntk,dynamic_ntk,yarn,none} --rope_factor=s --rope_base=5e5 (ABF); they apply to
+RoPE checkpoints only. Checkpoints fine-tuned at a longer context already carry their extension in
+model_args and need no flag. --attn_impl=auto (default) picks the memory-efficient TAPA attention
+at long lengths; naive/chunked/triton force one.
+"""
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from configurator import get_overrides
+from model import GPTConfig
+from train import TrainError, load_checkpoint, model_from_checkpoint, pick_device
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# default config values, overridden by a config file and/or --key=value on the command line
+ckpt = 'out'                 # out_dir(s) or ckpt.pt path(s), comma-separated
+labels = ''                  # optional comma-separated row labels, one per checkpoint (default: from the config)
+data_dir = ''                # default: data/<dataset>/<tokenizer> from the (first) checkpoint's train config
+split = 'validation'
+lengths = ''                 # comma-separated context lengths; '' = dyadic, trained length .. max_factor x it
+max_factor = 16              # the default lengths go up to max_factor times the trained context
+stride = 256                 # S of the sliding window (capped at L); stride = L gives back-to-back chunks
+max_docs = 0                 # use at most this many documents per length (0 = all that are long enough)
+max_tokens_per_length = 32768  # scored tokens per length and checkpoint (0 = everything): bounds the cost
+batch_tokens = 16384         # windows per batch = max(1, batch_tokens // L)
+out = ''                     # output prefix; '' = <first out_dir>/ppl -> ppl.json, ppl.csv, ppl.md, ppl.png
+device = 'auto'              # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'               # 'auto' (bfloat16 autocast on CUDA, else float32), 'float32', 'bfloat16', 'float16'
+attn_impl = 'auto'           # 'auto', 'naive', 'chunked', 'triton' (overrides the checkpoint's)
+rope_scaling = 'keep'        # 'keep' the checkpoint's, or 'none', 'pi', 'ntk', 'dynamic_ntk', 'yarn'
+rope_factor = 0.0            # 0 = keep the checkpoint's
+rope_base = 0.0              # 0 = keep the checkpoint's (e.g. 5e5 for ABF)
+quiet = False                # no progress bars
+# -----------------------------------------------------------------------------
+
+
+def default_config():
+    """This script's config keys and their default values (the globals above)."""
+    g = globals()
+    return {k: g[k] for k in ('ckpt', 'labels', 'data_dir', 'split', 'lengths', 'max_factor', 'stride',
+                              'max_docs', 'max_tokens_per_length', 'batch_tokens', 'out', 'device', 'dtype',
+                              'attn_impl', 'rope_scaling', 'rope_factor', 'rope_base', 'quiet')}
+
+
+# -----------------------------------------------------------------------------
+# command line: `python eval_ppl.py [config.py] --key=value ...`, parsed by configurator.py like
+# train.py's: unknown keys and wrongly typed values are errors. String settings stay strings, so
+# --lengths=256,512 and --ckpt=out-a,out-b need no quotes.
+
+
+def parse_config(argv, defaults):
+    """defaults updated with the config files and --key=value settings of argv."""
+    config = dict(defaults)
+    config.update(get_overrides(defaults, argv))
+    return config
+
+
+# -----------------------------------------------------------------------------
+# the protocol
+
+
+def sliding_windows(doc_len, L, S):
+    """The windows that score a document of doc_len tokens at context length L with stride S.
+
+    Returns a list of (start, end, score_from): the model reads tokens[start:end], and its outputs at
+    positions score_from .. end-1 are scored. The output at position p predicts token p+1, having
+    seen the p-start+1 tokens tokens[start:p+1] (its context).
+    - The first window is [0, L) and scores all its outputs: tokens 1..L, with 1..L tokens of context
+      (a document's beginning has no more to give).
+    - Each next window ends S positions further (the last one fewer, at the document's end), starts L
+      before its end, and scores only the positions it adds: each of its scored tokens has a context
+      of at least L-S+1 tokens.
+    So every token but the document's first (nothing predicts it) is scored exactly once, and S = L
+    gives back-to-back chunks, as in training. A document shorter than L+1 gets one shorter window.
+    """
+    if L < 1 or S < 1:
+        raise ValueError(f"context length L={L} and stride S={S} must be positive")
+    S = min(S, L)
+    n_pos = doc_len - 1  # positions that have a next token to predict
+    if n_pos < 1:
+        return []
+    end = min(L, n_pos)
+    windows = [(0, end, 0)]
+    while end < n_pos:
+        new_end = min(end + S, n_pos)
+        windows.append((max(0, new_end - L), new_end, end))
+        end = new_end
+    return windows
+
+
+def dyadic_lengths(block_size, max_factor=16, min_factor=1):
+    """block_size * 2^k for min_factor <= 2^k <= max_factor, e.g. 256 -> [256, 512, ..., 4096]."""
+    out, f = [], 1.0
+    while f > min_factor:  # allow min_factor < 1 (e.g. 0.5 for half the trained length)
+        f /= 2
+    while f <= max_factor:
+        if f >= min_factor and int(block_size * f) >= 1:
+            out.append(int(block_size * f))
+        f *= 2
+    return out
+
+
+def parse_lengths(text):
+    try:
+        values = [int(v) for v in str(text).replace(' ', '').split(',') if v]
+    except ValueError:
+        raise ValueError(f"--lengths={text}: expected comma-separated integers, e.g. --lengths=256,512,1024") from None
+    if not values or min(values) < 2:
+        raise ValueError(f"--lengths={text}: need at least one length >= 2")
+    return sorted(set(values))
+
+
+def select_documents(doc_lengths, L, max_docs=0, max_tokens=0):
+    """The documents scored at length L, as a list of (document index, tokens to use from its start).
+    Eligible: documents of at least L+1 tokens, in their order in the split; the first max_docs of
+    them (0 = all). With a budget of max_tokens scored tokens, it is shared evenly among them, at least
+    one full window (L scored tokens) each, and fewer documents are used if the budget cannot give
+    every one a full window. Deterministic: the same data gives the same selection."""
+    doc_lengths = np.asarray(doc_lengths)
+    eligible = np.nonzero(doc_lengths >= L + 1)[0]
+    if max_docs:
+        eligible = eligible[:max_docs]
+    if not max_tokens or not len(eligible):
+        return [(int(i), int(doc_lengths[i])) for i in eligible]
+    n = min(len(eligible), max(1, max_tokens // L))
+    per_doc = max(L, max_tokens // n)  # scored tokens per document; the document's tokens are one more
+    return [(int(i), int(min(doc_lengths[i], per_doc + 1))) for i in eligible[:n]]
+
+
+@torch.no_grad()
+def sliding_window_nll(model, docs, L, S, batch_size=1, autocast=nullcontext(), progress=None, head_rows=1024):
+    """Sum of -log p(token | its window's context) over all scored tokens of docs (a list of 1-D int
+    arrays), at context length L and stride S. Returns dict(nll, tokens, windows, first_window_tokens).
+
+    The transformer runs on whole windows (B, L), but the output layer (n_embd x vocab) only on the
+    scored positions, head_rows at a time: at L = 16k, the logits of a whole GPT-2-vocab window would
+    take 16k * 50k * 4 bytes = 3.3 GB, of which a stride of 256 scores 1/64."""
+    dev = next(model.parameters()).device
+    jobs = [(d, w) for d, doc in enumerate(docs) for w in sliding_windows(len(doc), L, S)]
+    total = dict(nll=0.0, tokens=0, windows=len(jobs), first_window_tokens=0)
+    i = 0
+    while i < len(jobs):
+        # a batch: consecutive windows of the same length (all are L long unless a document is shorter)
+        width = jobs[i][1][1] - jobs[i][1][0]
+        batch = [jobs[i]]
+        while (len(batch) < batch_size and i + len(batch) < len(jobs)
+               and jobs[i + len(batch)][1][1] - jobs[i + len(batch)][1][0] == width):
+            batch.append(jobs[i + len(batch)])
+        i += len(batch)
+        x = torch.stack([torch.from_numpy(np.asarray(docs[d][s:e], dtype=np.int64)) for d, (s, e, _) in batch])
+        with autocast:
+            h = model.hidden(x.to(dev))  # (B, width, n_embd)
+        # the scored positions of each window, and the tokens they predict
+        rows = torch.cat([h[b, f - s:] for b, (d, (s, e, f)) in enumerate(batch)])
+        targets = torch.cat([torch.from_numpy(np.asarray(docs[d][f + 1:e + 1], dtype=np.int64))
+                             for d, (s, e, f) in batch]).to(dev)
+        for r in range(0, rows.size(0), head_rows):
+            with autocast:
+                logits = model.lm_head(rows[r:r + head_rows])
+            total['nll'] += F.cross_entropy(logits.float(), targets[r:r + head_rows], reduction='sum').item()
+        total['tokens'] += targets.numel()
+        total['first_window_tokens'] += sum(e - f for d, (s, e, f) in batch if s == 0 and f == 0)
+        if progress is not None:
+            progress.update(targets.numel())
+    return total
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def resolve_ckpt_path(path):
+    """An out_dir or a ckpt.pt file -> the checkpoint file, with a useful error if there is none."""
+    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no checkpoint at {p}: pass --ckpt=<out_dir or path/to/ckpt.pt> "
+                                f"of a model trained with train.py (e.g. python train.py --out_dir={path})")
+    return p
+
+
+def apply_overrides(model, attn_impl='auto', rope_scaling='keep', rope_factor=0.0, rope_base=0.0):
+    """Inference-time changes to a loaded model: the attention implementation, and for RoPE models
+    a context-extension method (no fine-tuning). Goes through model.change_context, which also
+    records the trained length as rope_original_block_size (PI, NTK and YaRN scale relative to it).
+    The model keeps its block_size: it is still the length the model was trained at.
+    Returns the list of overrides that did not apply (RoPE ones on a non-RoPE model)."""
+    cfg = model.config
+    pe = {'attn_impl': attn_impl}
+    rope = {}
+    if rope_scaling != 'keep':
+        rope['rope_scaling'] = None if str(rope_scaling).lower() == 'none' else rope_scaling
+    if rope_factor:
+        rope['rope_factor'] = float(rope_factor)
+    if rope_base:
+        rope['rope_base'] = float(rope_base)
+    ignored = []
+    if cfg.pos_encoding == 'rope':
+        pe.update(rope)
+        scaling = pe.get('rope_scaling', cfg.rope_scaling)
+        factor = pe.get('rope_factor', cfg.rope_factor)
+        if scaling in ('pi', 'ntk', 'yarn') and factor <= 1.0:
+            raise ValueError(f"rope_scaling={scaling} with rope_factor={factor} changes nothing: pass the "
+                             f"extension factor, e.g. --rope_factor=16 to reach 16x the trained length")
+    else:
+        ignored = sorted(rope)
+    model.change_context(cfg.block_size, **pe)
+    return ignored
+
+
+def describe(cfg):
+    """A short row label from the config, e.g. 'tapa', 'rope', 'rope yarn x16', 'rope base=5e+05'."""
+    if cfg.pos_encoding == 'rope':
+        parts = ['rope']
+        if cfg.rope_base != 10000.0:
+            parts.append(f'base={cfg.rope_base:g}')
+        if cfg.rope_scaling:
+            parts.append(f'{cfg.rope_scaling} x{cfg.rope_factor:g}')
+        if cfg.rope_original_block_size and cfg.rope_original_block_size != cfg.block_size:
+            parts.append(f'ft{cfg.block_size}')  # fine-tuned from rope_original_block_size to block_size
+        return ' '.join(parts)
+    if cfg.pos_encoding == 'tapa':
+        defaults = GPTConfig()
+        parts = ['tapa']
+        if cfg.tapa_alpha != defaults.tapa_alpha:
+            parts.append(f'a={cfg.tapa_alpha:g}')
+        if cfg.tapa_theta != defaults.tapa_theta:
+            parts.append(f'th={cfg.tapa_theta:g}')
+        if cfg.tapa_phase != defaults.tapa_phase:
+            parts.append(cfg.tapa_phase)
+        return ' '.join(parts)
+    return cfg.pos_encoding
+
+
+def make_labels(models, explicit=''):
+    """One label per model: explicit ones (comma-separated), else describe(); duplicates get their run name."""
+    if explicit:
+        out = [s.strip() for s in explicit.split(',')]
+        if len(out) != len(models):
+            raise ValueError(f"--labels has {len(out)} labels for {len(models)} checkpoints")
+        return out
+    out = [describe(m['model'].config) for m in models]
+    for i, label in enumerate(out):
+        if out.count(label) > 1:
+            out[i] = f"{label} [{run_name(models[i]['path'])}]"
+    return out
+
+
+def run_name(path):
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+
+
+def autocast_for(dev, name='auto'):
+    """bfloat16 autocast on CUDA (float16 where the GPU lacks bf16), plain float32 elsewhere."""
+    if name == 'auto':
+        if dev.type != 'cuda':
+            return nullcontext()
+        name = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if name == 'float32':
+        return nullcontext()
+    if name not in ('bfloat16', 'float16'):
+        raise ValueError(f"dtype={name!r}: use auto, float32, bfloat16 or float16")
+    return torch.autocast(device_type=dev.type, dtype=getattr(torch, name))
+
+
+def load_models(paths, config, log=print):
+    """Load every checkpoint and apply the command line's overrides. Returns a list of dicts:
+    path, model (on the CPU), train_config, trained (the block_size it was trained at)."""
+    models = []
+    for p in paths:
+        checkpoint = load_checkpoint(p)
+        unknown = sorted(set(checkpoint['model_args']) - set(GPTConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{p}: model_args has fields {unknown} that this model.py's GPTConfig lacks "
+                             f"(a checkpoint from another version of the code?)")
+        model = model_from_checkpoint(checkpoint).eval()
+        trained = model.config.block_size
+        ignored = apply_overrides(model, config['attn_impl'], config['rope_scaling'],
+                                  config['rope_factor'], config['rope_base'])
+        if ignored:
+            log(f"note: {p} is a {model.config.pos_encoding} model; ignoring {', '.join(ignored)}")
+        models.append(dict(path=p, model=model, train_config=checkpoint.get('config') or {}, trained=trained))
+    return models
+
+
+def data_dir_for(models, explicit=''):
+    """--data_dir, else the folder the checkpoint was trained on (its data_dir, or data/<dataset>/<tokenizer>
+    in this repository, as train.py picks it), which must agree across checkpoints: perplexities over
+    different tokenizations cannot be compared."""
+    if explicit:
+        return explicit
+    dirs = set()
+    for m in models:
+        dirs.add(train_data_dir(m))
+    if len(dirs) > 1:
+        raise ValueError(f"the checkpoints were trained on different data {sorted(dirs)}: evaluate them "
+                         f"separately, or pass --data_dir to score all on one (same tokenizer only)")
+    return dirs.pop()
+
+
+def train_data_dir(m):
+    c = m['train_config']
+    if c.get('data_dir'):
+        return c['data_dir']
+    if 'dataset' not in c or 'tokenizer' not in c:
+        raise ValueError(f"{m['path']} does not record its dataset and tokenizer; pass --data_dir=data/<dataset>/<tokenizer>")
+    return os.path.join(REPO_ROOT, 'data', c['dataset'], c['tokenizer'])
+
+
+def check_data_fits(meta, models, data_dir):
+    for m in models:
+        cfg, tc = m['model'].config, m['train_config']
+        if 'tokenizer' in tc and tc['tokenizer'] != meta['tokenizer']:
+            raise ValueError(f"{m['path']} was trained with the {tc['tokenizer']} tokenizer but {data_dir} "
+                             f"holds {meta['tokenizer']} tokens")
+        if meta['vocab_size'] > cfg.vocab_size:
+            raise ValueError(f"{data_dir} has vocab {meta['vocab_size']}, more than {m['path']}'s {cfg.vocab_size}")
+
+
+# -----------------------------------------------------------------------------
+# output
+
+
+def fmt_ppl(v):
+    if v is None or not math.isfinite(v):
+        return 'n/a' if v is None else f'{v}'
+    return f'{v:.3f}' if v < 100 else f'{v:.1f}' if v < 1e5 else f'{v:.3g}'
+
+
+def markdown_table(results):
+    lengths = results['lengths']
+    lines = ['| model | trained | ' + ' | '.join(str(L) for L in lengths) + ' |',
+             '|---|---:|' + '---:|' * len(lengths)]
+    for m in results['models']:
+        cells = [fmt_ppl(m['results'][str(L)]['ppl']) for L in lengths]
+        lines.append(f"| {m['label']} | {m['trained_block_size']} | " + ' | '.join(cells) + ' |')
+    lines += ['', '| length | stride | docs | scored tokens | windows |', '|---:|---:|---:|---:|---:|']
+    for L in lengths:
+        d = results['data_per_length'][str(L)]
+        lines.append(f"| {L} | {d['stride']} | {d['docs']} | {d['tokens']} | {d['windows']} |")
+    return '\n'.join(lines)
+
+
+def write_outputs(results, prefix, log=print):
+    """prefix.json, prefix.csv, prefix.md and (with matplotlib) prefix.png. Returns the paths written."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    written = []
+    with open(prefix + '.json', 'w') as f:
+        json.dump(results, f, indent=2)  # n/a cells are null
+        f.write('\n')
+    written.append(prefix + '.json')
+    with open(prefix + '.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['label', 'ckpt', 'pos_encoding', 'trained_block_size', 'length', 'stride',
+                    'ppl', 'loss', 'docs', 'tokens', 'windows', 'seconds'])
+        for m in results['models']:
+            for L in results['lengths']:
+                r = m['results'][str(L)]
+                na = r['ppl'] is None
+                w.writerow([m['label'], m['ckpt'], m['pos_encoding'], m['trained_block_size'], L, r['stride'],
+                            'n/a' if na else r['ppl'], 'n/a' if na else r['loss'],
+                            r['docs'], r['tokens'], r['windows'], r['seconds']])
+    written.append(prefix + '.csv')
+    with open(prefix + '.md', 'w') as f:
+        f.write(markdown_table(results) + '\n')
+    written.append(prefix + '.md')
+    png = plot(results, prefix + '.png', log)
+    if png:
+        written.append(png)
+    return written
+
+
+def plot(results, path, log=print):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed, no plot (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in results['models']:
+        xs = [L for L in results['lengths'] if m['results'][str(L)]['ppl'] is not None]
+        ax.plot(xs, [m['results'][str(L)]['ppl'] for L in xs], marker='o', label=m['label'])
+    for t in sorted({m['trained_block_size'] for m in results['models']}):
+        ax.axvline(t, color='gray', linestyle='--', linewidth=1)
+        ax.text(t, 1.0, f' trained {t}', transform=ax.get_xaxis_transform(), va='top', fontsize=8, color='gray')
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(results['lengths'], [str(L) for L in results['lengths']])
+    ax.minorticks_off()
+    ppls = [r['ppl'] for m in results['models'] for r in m['results'].values() if r['ppl'] is not None]
+    if ppls and max(ppls) > 3 * min(ppls):
+        ax.set_yscale('log')  # an exploding perplexity spans orders of magnitude
+    ax.set_xlabel('context length L (tokens)')
+    ax.set_ylabel('perplexity')
+    ax.set_title(f"{results['split']} perplexity, sliding window (stride {results['stride']})")
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -----------------------------------------------------------------------------
+
+
+def evaluate(config, log=print):
+    """Run the whole evaluation for a config dict (see default_config()); returns the results dict
+    that is also written to <out>.json."""
+    from tqdm import tqdm
+    from data.common import load_split, read_meta
+
+    paths = [resolve_ckpt_path(p.strip()) for p in str(config['ckpt']).split(',') if p.strip()]
+    if not paths:
+        raise ValueError("--ckpt is empty: pass out_dir(s) or ckpt.pt path(s), comma-separated")
+    models = load_models(paths, config, log)
+    names = make_labels(models, config['labels'])
+    data_dir = data_dir_for(models, config['data_dir'])
+    meta = read_meta(data_dir)
+    check_data_fits(meta, models, data_dir)
+    tokens, offsets = load_split(data_dir, config['split'])
+    doc_lengths = np.diff(offsets)
+
+    if config['lengths']:
+        Ls = parse_lengths(config['lengths'])
+    else:  # dyadic from each trained length up to max_factor x it, all checkpoints together
+        Ls = sorted({L for m in models for L in dyadic_lengths(m['trained'], config['max_factor'])})
+    if config['stride'] < 1:
+        raise ValueError(f"--stride={config['stride']} must be >= 1")
+
+    dev = pick_device(config['device'])
+    autocast = autocast_for(dev, config['dtype'])
+    log(f"data: {data_dir} split {config['split']} ({len(doc_lengths)} documents, {len(tokens):,} tokens); "
+        f"device {dev}; lengths {Ls}")
+
+    # the documents of each length depend only on the data, the same for every checkpoint
+    selection = {L: select_documents(doc_lengths, L, config['max_docs'], config['max_tokens_per_length'])
+                 for L in Ls}
+    results = dict(split=config['split'], data_dir=data_dir, stride=config['stride'], lengths=Ls,
+                   config=dict(config), data_per_length={}, models=[])
+    for L in Ls:
+        S = min(config['stride'], L)
+        docs = selection[L]
+        n_windows = sum(len(sliding_windows(n, L, S)) for _, n in docs)
+        results['data_per_length'][str(L)] = dict(stride=S, docs=len(docs), tokens=sum(n - 1 for _, n in docs),
+                                                  windows=n_windows, doc_ids=[i for i, _ in docs])
+        if not docs:
+            log(f"note: no {config['split']} document has {L + 1} tokens; length {L} is skipped")
+
+    for m, label in zip(models, names):
+        model, cfg = m['model'], m['model'].config
+        model.to(dev)
+        entry = dict(label=label, ckpt=m['path'], pos_encoding=cfg.pos_encoding, trained_block_size=m['trained'],
+                     model_args=dict(vars(cfg)), results={})
+        for L in Ls:
+            S = min(config['stride'], L)
+            docs = selection[L]
+            na = None
+            if cfg.pos_encoding == 'learned' and L > cfg.block_size:
+                na = f'learned position embeddings stop at {cfg.block_size}'
+            elif not docs:
+                na = f'no document of {L + 1} tokens'
+            if na:
+                entry['results'][str(L)] = dict(ppl=None, loss=None, stride=S, docs=0, tokens=0, windows=0,
+                                                seconds=0.0, note=na)
+                log(f"{label:>24} L={L:>6}: n/a ({na})")
+                continue
+            arrays = [tokens[offsets[i]:offsets[i] + n] for i, n in docs]
+            bar = tqdm(total=sum(n - 1 for _, n in docs), desc=f'{label} L={L}', unit='tok',
+                       disable=config['quiet'], leave=False)
+            t0 = time.time()
+            r = sliding_window_nll(model, arrays, L, S, max(1, config['batch_tokens'] // L), autocast, bar)
+            bar.close()
+            loss = r['nll'] / r['tokens']
+            entry['results'][str(L)] = dict(ppl=math.exp(min(loss, 700.0)), loss=loss, stride=S, docs=len(docs),
+                                            tokens=r['tokens'], windows=r['windows'],
+                                            first_window_tokens=r['first_window_tokens'],
+                                            seconds=round(time.time() - t0, 3))
+            log(f"{label:>24} L={L:>6}: loss {loss:.4f} ppl {fmt_ppl(math.exp(min(loss, 700.0)))} "
+                f"({len(docs)} docs, {r['tokens']} tokens, {r['windows']} windows, {time.time() - t0:.1f}s)")
+        model.to('cpu')
+        results['models'].append(entry)
+    return results
+
+
+def main(argv):
+    try:
+        config = parse_config(argv, default_config())
+        results = evaluate(config)
+    except (ValueError, FileNotFoundError, TrainError) as e:  # bad settings, data or checkpoints
+        sys.exit(f"error: {e}")
+    prefix = config['out'] or os.path.join(os.path.dirname(results['models'][0]['ckpt']), 'ppl')
+    table = markdown_table(results)
+    print()
+    print(table)
+    for p in write_outputs(results, prefix):
+        print(f"wrote {p}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,363 @@
+"""
+Tests of the long-context evaluations, eval_ppl.py and eval_passkey.py, on tiny random models and
+token files written here (no training, no prepared data needed).
+
+The sliding-window arithmetic is checked by counting, the sliding-window NLL against a loop that
+runs the model once per scored token on the window the protocol gives it, and the passkey prompt by
+decoding it and looking for the key.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+TIKTOKEN_CACHE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'tiktoken_cache'))
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(TIKTOKEN_CACHE):
+    os.environ['TIKTOKEN_CACHE_DIR'] = TIKTOKEN_CACHE  # the offline GPT-2 files, if present
+
+import eval_passkey  # noqa: E402
+import eval_ppl  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+HAS_MATPLOTLIB = importlib.util.find_spec('matplotlib') is not None
+
+
+def tiny_gpt(pe='tapa', block_size=8, vocab_size=256, sharpen=True, **kw):
+    """A 2-layer random GPT. sharpen scales the weights up so the predictions are far from uniform
+    (a wrong token or position then changes the loss visibly)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size,
+                          pos_encoding=pe, **kw))
+    if sharpen:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(4.0)
+    return model.eval()
+
+
+def save_checkpoint(model, out_dir, dataset='toy', tokenizer='byte'):
+    """A checkpoint in train.py's format (everything loadable with torch.load(weights_only=True))."""
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint = {'model': model.state_dict(), 'optimizer': {}, 'scaler': None,
+                  'model_args': asdict(model.config),
+                  'config': {'dataset': dataset, 'tokenizer': tokenizer, 'data_dir': '',
+                             'block_size': model.config.block_size, 'out_dir': out_dir},
+                  'iter_num': 0, 'best_val_loss': 1.0, 'rng': {'torch': torch.get_rng_state()},
+                  'format_version': 1}
+    torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
+    return out_dir
+
+
+def write_split(data_dir, docs, split='validation', tokenizer='byte', vocab_size=256, eot=0):
+    """A prepared split in the data format (each document followed by EOT), written with plain numpy."""
+    os.makedirs(data_dir, exist_ok=True)
+    tokens = np.concatenate([np.append(np.asarray(d, dtype=np.uint16), eot) for d in docs]).astype(np.uint16)
+    offsets = np.cumsum([0] + [len(d) + 1 for d in docs]).astype(np.int64)
+    tokens.tofile(os.path.join(data_dir, f'{split}.bin'))
+    np.save(os.path.join(data_dir, f'{split}.docs.npy'), offsets)
+    meta = {'dataset': 'toy', 'tokenizer': tokenizer, 'vocab_size': vocab_size, 'eot_token': eot,
+            'dtype': 'uint16', 'splits': {split: {'tokens': int(len(tokens)), 'docs': len(docs)}}, 'source': 'test'}
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return data_dir
+
+
+# ---------------------------------------------------------------------------
+# the sliding-window protocol
+
+
+def test_sliding_windows_by_hand():
+    # 12 tokens -> predictions at positions 0..10; L=4, S=2
+    assert eval_ppl.sliding_windows(12, 4, 2) == [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8), (7, 11, 10)]
+    # S = L: back-to-back chunks; the last one reuses context to stay L long
+    assert eval_ppl.sliding_windows(11, 4, 4) == [(0, 4, 0), (4, 8, 4), (6, 10, 8)]
+    assert eval_ppl.sliding_windows(1, 4, 2) == []  # a lone token has nothing to predict
+
+
+@pytest.mark.parametrize('doc_len,L,S', [
+    (100, 16, 5), (100, 16, 16), (100, 16, 100), (17, 16, 4), (16, 16, 4), (2, 16, 4), (50, 7, 3),
+    (33, 8, 8), (34, 8, 8), (1000, 64, 256), (65, 64, 1), (30, 1, 1), (200, 32, 7)])
+def test_sliding_windows_score_each_token_once_with_enough_context(doc_len, L, S):
+    windows = eval_ppl.sliding_windows(doc_len, L, S)
+    s_eff = min(S, L)
+    scored = []
+    for k, (start, end, score_from) in enumerate(windows):
+        assert 0 <= start <= score_from < end <= doc_len - 1  # the output at end-1 predicts token end
+        assert end - start == min(L, doc_len - 1)  # every window is L long when the document allows it
+        for p in range(score_from, end):
+            scored.append(p + 1)  # the token this output predicts
+            context = p - start + 1  # tokens the model has seen when predicting token p+1
+            if k == 0:
+                assert start == 0 and context == p + 1  # first window: all the document has so far
+            else:
+                assert context >= L - s_eff + 1
+    # every token except the first is scored, exactly once
+    assert sorted(scored) == list(range(1, doc_len))
+    if s_eff == L:  # stride L: no window re-reads context it scored, except the last
+        assert all(start == score_from for start, _, score_from in windows[1:-1])
+
+
+@pytest.mark.parametrize('pe,kw', [('tapa', {}), ('tapa', {'attn_impl': 'chunked'}), ('alibi', {}),
+                                   ('rope', {'rope_scaling': 'dynamic_ntk', 'rope_factor': 2.0})])
+def test_sliding_window_nll_equals_a_per_token_loop(pe, kw):
+    model = tiny_gpt(pe, block_size=8, vocab_size=64, **kw)
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 64, n) for n in (40, 29, 13, 9)]
+    L, S = 12, 5
+    got = eval_ppl.sliding_window_nll(model, docs, L, S, batch_size=3)
+
+    expected, count = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            n = len(doc)
+            for t in range(1, n):  # token t is predicted by the output at position t-1
+                p = t - 1
+                if p < L:  # the first window [0, L) scores positions 0..L-1
+                    start, end = 0, min(L, n - 1)
+                else:  # later windows end at L + kS (or the document's end) and score the S before
+                    end = min(L + ((p - L) // S + 1) * S, n - 1)
+                    start = end - L
+                x = torch.tensor(doc[start:end], dtype=torch.long)[None]
+                logits, _ = model(x, targets=torch.zeros_like(x))  # with targets: logits at every position
+                expected -= F.log_softmax(logits[0, p - start].double(), dim=-1)[int(doc[t])].item()
+                count += 1
+    assert got['tokens'] == count == sum(len(d) - 1 for d in docs)
+    assert got['nll'] / count > 1.0  # sharpened random weights: far from a trivial loss
+    assert got['nll'] == pytest.approx(expected, rel=1e-5)
+
+
+def test_output_layer_chunking_does_not_change_the_nll():
+    model = tiny_gpt('tapa', vocab_size=64)
+    docs = [np.random.default_rng(2).integers(0, 64, 50)]
+    a = eval_ppl.sliding_window_nll(model, docs, 16, 16, batch_size=4, head_rows=1024)
+    b = eval_ppl.sliding_window_nll(model, docs, 16, 16, batch_size=1, head_rows=7)
+    assert a['nll'] == pytest.approx(b['nll'], rel=1e-6) and a['tokens'] == b['tokens'] == 49
+
+
+def test_dyadic_lengths():
+    assert eval_ppl.dyadic_lengths(256) == [256, 512, 1024, 2048, 4096]
+    assert eval_ppl.dyadic_lengths(100, 4) == [100, 200, 400]
+    assert eval_ppl.dyadic_lengths(256, 16, 0.5) == [128, 256, 512, 1024, 2048, 4096]
+    assert eval_ppl.parse_lengths('512,128, 256') == [128, 256, 512]
+    with pytest.raises(ValueError):
+        eval_ppl.parse_lengths('128,lots')
+
+
+def test_document_selection_is_deterministic_and_bounded():
+    lengths = [5, 40, 100, 17, 300]
+    # L=16: documents of at least 17 tokens, in order
+    assert eval_ppl.select_documents(lengths, 16) == [(1, 40), (2, 100), (3, 17), (4, 300)]
+    assert eval_ppl.select_documents(lengths, 16, max_docs=2) == [(1, 40), (2, 100)]
+    # a budget of 40 scored tokens: 2 documents of 20 scored tokens (21 tokens) each
+    assert eval_ppl.select_documents(lengths, 16, max_tokens=40) == [(1, 21), (2, 21)]
+    # a budget smaller than one window still scores one full window
+    assert eval_ppl.select_documents(lengths, 64, max_tokens=10) == [(2, 65)]
+    assert eval_ppl.select_documents(lengths, 300) == []
+
+
+def test_config_parsing_rejects_unknown_and_mistyped_settings():
+    defaults = eval_ppl.default_config()
+    cfg = eval_ppl.parse_config(['--lengths=256,512', '--ckpt=out-a,out-b', '--rope_factor=4', '--stride=128'],
+                                defaults)
+    assert cfg['lengths'] == '256,512' and cfg['ckpt'] == 'out-a,out-b'
+    assert cfg['rope_factor'] == 4.0 and cfg['stride'] == 128 and cfg['split'] == 'validation'
+    with pytest.raises(ValueError, match='lenghts'):
+        eval_ppl.parse_config(['--lenghts=256'], defaults)
+    with pytest.raises(ValueError):
+        eval_ppl.parse_config(['--stride=a lot'], defaults)
+    with pytest.raises(ValueError):
+        eval_passkey.parse_config(['--num_trails=3'], eval_passkey.default_config())
+
+
+def test_rope_scaling_override_needs_a_factor():
+    with pytest.raises(ValueError, match='rope_factor'):
+        eval_ppl.apply_overrides(tiny_gpt('rope'), rope_scaling='yarn')
+    model = tiny_gpt('rope')
+    eval_ppl.apply_overrides(model, rope_scaling='yarn', rope_factor=4.0)
+    cfg = model.config
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_block_size, cfg.block_size) == ('yarn', 4.0, 8, 8)
+    assert eval_ppl.describe(cfg) == 'rope yarn x4'
+    tapa = tiny_gpt('tapa')
+    assert eval_ppl.apply_overrides(tapa, rope_scaling='yarn', rope_factor=4.0) == ['rope_factor', 'rope_scaling']
+    assert tapa.config.rope_scaling is None
+
+
+# ---------------------------------------------------------------------------
+# eval_ppl.py end to end
+
+
+def test_eval_ppl_writes_table_json_csv_and_reports_learned_beyond_its_context(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    doc_lengths = [40, 12, 25, 7]  # + EOT: 41, 13, 26, 8 tokens
+    data_dir = write_split(str(tmp_path / 'data'), [rng.integers(1, 256, n) for n in doc_lengths])
+    a = save_checkpoint(tiny_gpt('tapa'), str(tmp_path / 'out-tapa'))
+    b = save_checkpoint(tiny_gpt('learned'), str(tmp_path / 'out-learned'))
+    c = save_checkpoint(tiny_gpt('rope'), str(tmp_path / 'out-rope'))
+    prefix = str(tmp_path / 'results' / 'ppl')
+    eval_ppl.main([f'--ckpt={a},{b},{c}/ckpt.pt', '--lengths=8,16', '--stride=4', f'--data_dir={data_dir}',
+                   f'--out={prefix}', '--quiet=True', '--device=cpu', '--max_tokens_per_length=0',
+                   '--rope_scaling=yarn', '--rope_factor=2'])
+    stdout = capsys.readouterr().out
+
+    with open(prefix + '.json') as f:
+        res = json.load(f)
+    assert res['lengths'] == [8, 16]
+    labels = [m['label'] for m in res['models']]
+    assert labels == ['tapa', 'learned', 'rope yarn x2']
+    by_label = {m['label']: m['results'] for m in res['models']}
+    # documents with at least L+1 tokens, each scoring all but its first token
+    for L in (8, 16):
+        used = [n + 1 for n in doc_lengths if n + 1 >= L + 1]
+        assert res['data_per_length'][str(L)]['docs'] == len(used)
+        assert res['data_per_length'][str(L)]['tokens'] == sum(n - 1 for n in used)
+        assert by_label['tapa'][str(L)]['tokens'] == sum(n - 1 for n in used)
+    for label in ('tapa', 'rope yarn x2'):
+        for L in ('8', '16'):
+            r = by_label[label][L]
+            assert math.isfinite(r['ppl']) and r['ppl'] == pytest.approx(math.exp(r['loss']))
+    assert math.isfinite(by_label['learned']['8']['ppl'])
+    assert by_label['learned']['16']['ppl'] is None and 'learned' in by_label['learned']['16']['note']
+    assert res['models'][2]['model_args']['rope_scaling'] == 'yarn'
+
+    with open(prefix + '.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    learned16 = [r for r in rows if r['label'] == 'learned' and r['length'] == '16'][0]
+    assert learned16['ppl'] == 'n/a'
+    tapa8 = [r for r in rows if r['label'] == 'tapa' and r['length'] == '8'][0]
+    assert float(tapa8['ppl']) == pytest.approx(by_label['tapa']['8']['ppl'])
+
+    table_row = [line for line in stdout.splitlines() if line.startswith('| learned |')][0]
+    assert table_row.rstrip().endswith('| n/a |')
+    assert os.path.exists(prefix + '.md')
+    assert os.path.exists(prefix + '.png') == HAS_MATPLOTLIB
+
+
+def test_eval_ppl_rejects_data_of_another_tokenizer(tmp_path):
+    data_dir = write_split(str(tmp_path / 'data'), [np.arange(1, 30)], tokenizer='gpt2', vocab_size=50257,
+                           eot=50256)
+    a = save_checkpoint(tiny_gpt('tapa'), str(tmp_path / 'out'))
+    with pytest.raises(SystemExit, match='tokenizer'):
+        eval_ppl.main([f'--ckpt={a}', f'--data_dir={data_dir}', '--quiet=True', '--device=cpu'])
+
+
+# ---------------------------------------------------------------------------
+# eval_passkey.py
+
+KEY_LINE = ' The pass key is {key}. Remember it. {key} is the pass key.'  # written out again, on purpose
+QUESTION = ' What is the pass key? The pass key is'
+SENTENCES = ['The grass is green.', 'The sky is blue.', 'The sun is yellow.', 'Here we go.', 'There and back again.']
+
+
+def tokenizers():
+    names = ['byte']
+    try:
+        get_tokenizer('gpt2')
+        names.append('gpt2')
+    except Exception:  # no tiktoken files offline: test the byte tokenizer only
+        pass
+    return names
+
+
+@pytest.mark.parametrize('tok_name', tokenizers())
+@pytest.mark.parametrize('L', [120, 333, 1000])
+@pytest.mark.parametrize('depth', [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_passkey_prompt_is_L_tokens_with_the_key_at_the_asked_depth(tok_name, L, depth):
+    tok = get_tokenizer(tok_name)
+    key = '73914'
+    p = eval_passkey.passkey_prompt(tok, L, depth, key)
+    ids = p['ids']
+    assert len(ids) == L
+    text = tok.decode(ids)
+    line = KEY_LINE.format(key=key)
+    assert text.count(line) == 1 and text.endswith(QUESTION)
+    # where does the key line start, in tokens? the first i from which the tokens decode to it
+    key_pos = next(i for i in range(L) if tok.decode(ids[i:]).startswith(line))
+    n_filler = L - len(tok.encode(line)) - len(tok.encode(QUESTION))
+    sentence = max(len(tok.encode(' ' + s)) for s in SENTENCES)
+    assert abs(key_pos - depth * n_filler) <= sentence
+    if depth == 0.0:
+        assert key_pos == 0
+    if depth == 1.0:
+        assert key_pos == n_filler  # right before the question
+    # the rest is filler sentences, whole ones except possibly the very first
+    rest = (text[:text.index(line)] + text[text.index(line) + len(line):-len(QUESTION)]).strip()
+    cycle = ' '.join(SENTENCES * (L // 10 + 2))
+    assert rest == '' or rest in cycle
+    assert p['answer'] == tok.encode(' ' + key) and p['key_pos'] == key_pos
+
+
+def test_passkey_prompt_with_data_filler_splices_at_a_sentence_end(tmp_path):
+    tok = get_tokenizer('byte')
+    book = ' '.join(f'Sentence number {i} is here.' for i in range(300))
+    data_dir = write_split(str(tmp_path / 'data'), [tok.encode(book)])
+    from data.common import load_split
+    data = load_split(data_dir, 'validation')
+    for depth in (0.3, 0.7):
+        p = eval_passkey.passkey_prompt(tok, 500, depth, '55555', 'data', data, random.Random(1))
+        assert len(p['ids']) == 500
+        text = tok.decode(p['ids'])
+        before = text[:text.index(KEY_LINE.format(key='55555'))]
+        assert before.endswith('.') and before in book  # a piece of the book, cut after a sentence
+    with pytest.raises(ValueError, match='too short'):
+        eval_passkey.passkey_prompt(tok, 60, 0.5, '55555')
+
+
+def test_passkey_scores_match_generate_and_a_full_forward():
+    model = tiny_gpt('tapa', block_size=64, sharpen=False)
+    tok = get_tokenizer('byte')
+    prompts = [eval_passkey.passkey_prompt(tok, 130, d, k) for d, k in ((0.2, '12345'), (0.8, '90210'))]
+    n_new = 7
+    gen, ll = eval_passkey.answer_and_score(model, [p['ids'] for p in prompts], [p['answer'] for p in prompts],
+                                            n_new, torch.autocast('cpu', enabled=False))
+    with torch.no_grad():
+        for p, g, l in zip(prompts, gen, ll):
+            idx = torch.tensor([p['ids']])
+            assert g == model.generate(idx, n_new, temperature=0)[0, 130:].tolist()
+            full = torch.tensor([p['ids'] + p['answer']])
+            logits, _ = model(full, targets=torch.zeros_like(full))
+            logp = F.log_softmax(logits[0].double(), dim=-1)
+            expected = sum(logp[130 - 1 + j, a].item() for j, a in enumerate(p['answer']))
+            assert l == pytest.approx(expected, abs=1e-4)
+    assert eval_passkey.first_number(' 12345. Rem') == '12345'
+    assert eval_passkey.first_number('x12345') == ''
+
+
+def test_eval_passkey_end_to_end_with_learned_na(tmp_path, capsys):
+    a = save_checkpoint(tiny_gpt('tapa', block_size=64, sharpen=False), str(tmp_path / 'out-tapa'))
+    b = save_checkpoint(tiny_gpt('learned', block_size=128, sharpen=False), str(tmp_path / 'out-learned'))
+    prefix = str(tmp_path / 'pk')
+    eval_passkey.main([f'--ckpt={a},{b}', '--lengths=110,200', '--depths=0,1', '--num_trials=2', '--quiet=True',
+                       '--device=cpu', f'--out={prefix}'])
+    stdout = capsys.readouterr().out
+    with open(prefix + '.json') as f:
+        res = json.load(f)
+    tapa, learned = res['models']
+    for L in ('110', '200'):
+        for d in ('0.0', '1.0'):
+            r = tapa['results'][L][d]
+            assert 0.0 <= r['accuracy'] <= 1.0 and r['loglik_per_digit'] < 0 and len(r['trials']) == 2
+    # 110 + the 6 tokens fed while answering fit in 128 positions; 200 do not
+    assert learned['results']['110']['0.0'] is not None
+    assert learned['results']['200']['0.0'] is None and '200' in learned['notes']
+    assert [t['key'] for t in tapa['results']['110']['0.0']['trials']] == \
+           [t['key'] for t in learned['results']['110']['0.0']['trials']]  # the same keys for every model
+    row = [line for line in stdout.splitlines() if line.startswith('| learned |')][0]
+    assert row.rstrip().endswith('| n/a |')
+    assert os.path.exists(prefix + '.md')

@@ -1,0 +1,636 @@
+"""
+A fused TAPA attention for CUDA GPUs, written in Triton: forward and backward, FlashAttention-2 style.
+
+What it computes (per batch and head; model.py has the same thing in plain PyTorch):
+
+    S[m, n] = A[m, n] * cos(2*pi * |m-n|^alpha * phi[m, n])            (n <= m, causal)
+    A[m, n]   = q_A[m] . k_A[n] / sqrt(d_A)                            amplitude, first d_A dims
+    phi[m, n] = q_P[m] . k_P[n] / sqrt(d_P)                            'quadratic' phase, last d_P dims
+              = (sum(q_P[m]) + sum(k_P[n])) / sqrt(d_P)                'linear' phase
+    out = softmax_n(S) @ v
+
+q is (B, H, Tq, D), k and v are (B, H, Tk, D) with Tq <= Tk: the queries are the LAST Tq positions,
+so query i sits at absolute position m = Tk - Tq + i (this is what a KV cache needs).
+
+Why a kernel at all: PyTorch's fused attention (SDPA / FlashAttention) only knows q.k scores plus an
+additive bias, and TAPA's score is a *product* of two dot products through a cos. Without fusion the
+(Tq x Tk) score matrix goes to memory, several times over (A, phi, cos, softmax, and their gradients).
+Here each (BLOCK_M x BLOCK_N) tile of scores lives only in registers:
+
+  forward   one program per block of queries walks over the key blocks left of the diagonal, keeps a
+            running max / running sum / running output (the "online softmax"), and saves only the
+            output and the log-sum-exp of each query row.
+  backward  recomputes the score tiles from q, k and the saved log-sum-exp (cheaper than storing
+            them). Two kernels, as in FlashAttention-2 and the Triton fused-attention tutorial: one
+            program per key block accumulates dK and dV over the query blocks, one program per query
+            block accumulates dQ over the key blocks. No atomics, so results are deterministic.
+
+Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k product (d_A + d_P = D),
+so the matrix-multiply work is that of FlashAttention; on top of it each score needs a log2 and an
+exp2 (for |m-n|^alpha), a cos (and a sin in the backward) -- elementwise work FlashAttention does not
+have. Tile sizes below are reasonable starting points, not tuned measurements.
+
+Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
+Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
+TRITON_INTERPRET=1 is set *before* triton is imported (slowly; that is what tests/test_tapa_triton.py does).
+"""
+
+import contextlib
+import math
+import os
+import types
+
+import torch
+
+# Triton is optional: this file must import cleanly without it (model.py asks is_available() to pick
+# an implementation). Without Triton we put tiny stand-ins under the names `triton` and `tl` so the
+# kernel definitions below still parse (their decorators and `tl.constexpr` annotations are evaluated
+# at import time); nothing can launch them, and tapa_attention_triton() raises a clear error instead.
+try:
+    import triton
+    import triton.language as tl
+    _TRITON_IMPORT_ERROR = None
+except Exception as e:  # ImportError, or a broken install
+    _TRITON_IMPORT_ERROR = e
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+
+
+def is_available():
+    """True when the fused kernel can run here: Triton imports and a CUDA GPU is present."""
+    return _TRITON_IMPORT_ERROR is None and torch.cuda.is_available()
+
+
+def _interpreting():
+    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+
+
+# Constants the kernels read. Triton only lets a kernel read globals wrapped in tl.constexpr.
+# (log2(e) itself is only used on the host: it is folded into the amplitude scale, see forward)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / log2(e)
+TWO_PI = tl.constexpr(6.283185307179586)
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)), and exp2 is the fast hardware instruction
+
+
+# -----------------------------------------------------------------------------
+# Pieces shared by the forward and the backward kernels
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+    """Load a (len(rows) x COLS) tile: rows `rows` of a (n_rows x D) matrix, columns col0 .. col0+COLS.
+    COLS is a power of two >= 16 (what tl.dot wants); the real width n_cols may be smaller (say 48 of
+    64, or 8 of 16), so the extra columns -- and rows past the end of the sequence -- read as 0. Zero
+    columns add nothing to a dot product, which is how widths that are not powers of two are handled."""
+    cols = tl.arange(0, COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+    """The mirror of _load_rows: write only the real rows and columns."""
+    cols = tl.arange(0, COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _phase_turns(phi, pos_m, offs_n, alpha):
+    """The phase of one tile counted in turns, t = |m-n|^alpha * phi (angle = 2*pi*t), plus |m-n|^alpha.
+
+    |m-n|^alpha = exp2(alpha * log2(m-n)) for m > n, and 0 on the diagonal (|0|^alpha = 0; future
+    keys, m < n, are masked by the caller and also get 0 so everything stays finite)."""
+    dist = (pos_m[:, None] - offs_n[None, :]).to(tl.float32)
+    w = tl.where(dist > 0, tl.exp2(alpha * tl.log2(tl.maximum(dist, 1.0))), 0.0)
+    return w * phi, w
+
+
+@triton.jit
+def _cos_sin_2pi(t):
+    """cos(2*pi*t) and sin(2*pi*t), on the FMA units, accurate to a few float32 ulps for any t.
+
+    Why not tl.cos / tl.sin: the angle grows with distance (|m-n|^alpha * phi turns), and the
+    library cos/sin are built for any argument, with a slow exact-reduction path for huge ones that
+    costs registers and local memory in every tile. Counting in turns makes the reduction trivial:
+      1. drop whole turns: t - floor(t + 0.5) is in [-1/2, 1/2], computed exactly in float32 (it
+         only removes leading bits);
+      2. fold into a quarter turn: with u = |t|, if u > 1/4 use u' = 1/2 - u, since
+         cos(pi - x) = -cos(x) and sin(pi - x) = sin(x); now x = 2*pi*u' is in [0, pi/2];
+      3. Taylor series on [0, pi/2]: every term is smaller than the previous one, and stopping at
+         x^12 (cos) and x^13 (sin) leaves an error below 1e-8, under float32 rounding.
+    The backward needs both; the forward uses only cos (the compiler drops the unused sin)."""
+    t = t - tl.floor(t + 0.5)
+    u = tl.abs(t)
+    flip = u > 0.25
+    x = tl.where(flip, 0.5 - u, u) * TWO_PI
+    x2 = x * x
+    # cos x = 1 - x^2/2! + x^4/4! - ... ;  Horner in x^2, highest term first
+    c = 1.0 / 479001600.0                   # 1/12!
+    c = c * x2 - 1.0 / 3628800.0            # -1/10!
+    c = c * x2 + 1.0 / 40320.0              # 1/8!
+    c = c * x2 - 1.0 / 720.0                # -1/6!
+    c = c * x2 + 1.0 / 24.0                 # 1/4!
+    c = c * x2 - 0.5                        # -1/2!
+    c = c * x2 + 1.0
+    # sin x = x - x^3/3! + x^5/5! - ...
+    s = 1.0 / 6227020800.0                  # 1/13!
+    s = s * x2 - 1.0 / 39916800.0           # -1/11!
+    s = s * x2 + 1.0 / 362880.0             # 1/9!
+    s = s * x2 - 1.0 / 5040.0               # -1/7!
+    s = s * x2 + 1.0 / 120.0                # 1/5!
+    s = s * x2 - 1.0 / 6.0                  # -1/3!
+    s = (s * x2 + 1.0) * x
+    cos_t = tl.where(flip, -c, c)
+    sin_t = tl.where(t < 0, -s, s)
+    return cos_t, sin_t
+
+
+# -----------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
+              K_base, V_base, stride_kt, stride_vt, start_n, Tk, alpha, amp_scale, phase_scale,
+              D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
+              BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Fold the key block [start_n, start_n + BLOCK_N) into one query block's running softmax."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
+    k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
+    v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
+
+    # The amplitude logits, already in log2 units (amp_scale = log2(e) / sqrt(d_A)) so that the
+    # softmax below can use exp2: softmax is unchanged if every logit is scaled by log2(e) and
+    # exp is replaced by exp2, and exp2 is a single fast hardware instruction.
+    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC) * amp_scale
+    if QUADRATIC:  # a second, narrower matmul: the phase part of q times the phase part of k
+        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
+    else:          # linear phase: a row sum plus a column sum, no matmul needed
+        sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
+        phi = sq[:, None] + sk[None, :]
+    turns, w = _phase_turns(phi, pos_m, offs_n, alpha)
+    cos_a, _ = _cos_sin_2pi(turns)
+    s = amp * cos_a
+
+    # Only blocks that straddle the diagonal (or run past the last key) need the mask: the caller
+    # splits the key range so that the many blocks left of the diagonal skip this work.
+    if CAUSAL_MASK:
+        keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
+        s = tl.where(keep, s, float('-inf'))
+
+    # Online softmax: the new running max, rescale what was accumulated under the old max, add this
+    # block. Every row sees key 0 in its first block, so row_max is finite from then on (no inf-inf).
+    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    correction = tl.exp2(row_max - new_max)
+    p = tl.exp2(s - new_max[:, None])
+    row_sum = row_sum * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _tapa_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     H, Tq, Tk, alpha, amp_scale, phase_scale,
+                     D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
+                     BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    # one program = one block of BLOCK_M queries of one (batch, head)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch * stride can exceed 2^31 on big tensors
+    h = (pid_bh % H).to(tl.int64)
+    Q_base = Q + b * stride_qb + h * stride_qh
+    K_base = K + b * stride_kb + h * stride_kh
+    V_base = V + b * stride_vb + h * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows 0..Tq-1 (rows >= Tq are padding)
+    pos_m = offs_m + (Tk - Tq)                         # their absolute positions
+
+    # The query block stays in registers for the whole loop, split into its two parts. Each part is
+    # loaded zero-padded to a power of two, so both tl.dot calls see legal shapes (>= 16).
+    q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
+    q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
+    sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale  # used by the linear phase only
+
+    row_max = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key blocks, left to right. Causality: row m sees keys 0..m. With first = the position of this
+    # block's first query, blocks ending at or before `first` are fully visible to every row (no
+    # mask needed); the blocks from there up to the last row's position straddle the diagonal and
+    # get masked; blocks beyond are never visited (that halves the work of causal attention).
+    first = pid_m * BLOCK_M + (Tk - Tq)
+    unmasked_end = ((first + 1) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(first + BLOCK_M, Tk)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
+                                          K_base, V_base, stride_kt, stride_vt, start_n, Tk,
+                                          alpha, amp_scale, phase_scale, D_A, D_P, D,
+                                          BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, False, DOT_PREC)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
+                                          K_base, V_base, stride_kt, stride_vt, start_n, Tk,
+                                          alpha, amp_scale, phase_scale, D_A, D_P, D,
+                                          BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, True, DOT_PREC)
+
+    # Normalize once at the end (FlashAttention-2 defers the division), and save the log-sum-exp
+    # (base 2, matching the exp2 logits) so the backward can rebuild probabilities as exp2(s - lse).
+    acc = acc / row_sum[:, None]
+    _store_rows(O + b * stride_ob + h * stride_oh, acc, offs_m, Tq, stride_ot, 0, BLOCK_D, D)
+    tl.store(LSE + pid_bh * Tq + offs_m, row_max + tl.log2(row_sum), mask=offs_m < Tq)
+
+
+# -----------------------------------------------------------------------------
+# Backward
+#
+# With P = softmax probabilities, dO the incoming gradient and Delta[m] = sum_d dO[m,d] * O[m,d]:
+#   dV     = P^T @ dO
+#   dS     = P * (dO @ V^T - Delta)                      (the softmax backward, FlashAttention's form)
+# and through S = A * cos(angle), angle = 2*pi * w * phi, w = |m-n|^alpha:
+#   dA     = dS * cos(angle)
+#   dphi   = -dS * A * sin(angle) * 2*pi * w
+#   dq_A = dA @ k_A / sqrt(d_A)       dk_A = dA^T @ q_A / sqrt(d_A)
+#   quadratic: dq_P = dphi @ k_P / sqrt(d_P),   dk_P = dphi^T @ q_P / sqrt(d_P)
+#   linear:    every phase dim of q[m] gets rowsum(dphi)[m] / sqrt(d_P), of k[n] colsum(dphi)[n] / sqrt(d_P)
+
+
+@triton.jit
+def _bwd_tile(q_a, q_p, sq, do, lse, delta, pos_m, k_a, k_p, sk, v, offs_n, Tk,
+              alpha, amp_scale, phase_scale, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Recompute one (BLOCK_M x BLOCK_N) tile and return its probabilities P and the two gradients
+    w.r.t. the raw dot products: g_amp for q_A.k_A and g_phase for q_P.k_P (or for the linear
+    phase's sums). Identical arithmetic to the forward, so P matches what the forward used."""
+    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC) * amp_scale  # log2 units
+    if QUADRATIC:
+        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
+    else:
+        phi = sq[:, None] + sk[None, :]
+    turns, w = _phase_turns(phi, pos_m, offs_n, alpha)
+    cos_a, sin_a = _cos_sin_2pi(turns)
+    s = amp * cos_a
+    if CAUSAL_MASK:
+        keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
+        s = tl.where(keep, s, float('-inf'))
+    p = tl.exp2(s - lse[:, None])  # masked entries: exp2(-inf) = 0, so their dS is 0 below
+
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    # amp_scale = log2(e)/sqrt(d_A): undo the log2(e) (times ln 2) to get back 1/sqrt(d_A), and to
+    # turn `amp` back into the natural amplitude A.
+    g_amp = ds * cos_a * amp_scale * LN2
+    g_phase = -ds * amp * LN2 * sin_a * w * TWO_PI * phase_scale
+    return p, g_amp, g_phase
+
+
+@triton.jit
+def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO_base, LSE_base, DELTA_base,
+               stride_qt, stride_dot, Tq, Tk, shift, alpha, amp_scale, phase_scale,
+               D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
+               BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+               DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
+    """Add the contribution of the query block [start_m, start_m + BLOCK_M) to one key block's dK, dV."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + shift
+    q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
+    q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
+    sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
+    do = _load_rows(DO_base, offs_m, Tq, stride_dot, 0, BLOCK_D, D)
+    lse = tl.load(LSE_base + offs_m, mask=offs_m < Tq, other=0.0)
+    delta = tl.load(DELTA_base + offs_m, mask=offs_m < Tq, other=0.0)
+    p, g_amp, g_phase = _bwd_tile(q_a, q_p, sq, do, lse, delta, pos_m, k_a, k_p, sk, v, offs_n, Tk,
+                                  alpha, amp_scale, phase_scale, QUADRATIC, CAUSAL_MASK, DOT_PREC)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
+    dk_a += tl.dot(tl.trans(g_amp).to(q_a.dtype), q_a, input_precision=DOT_PREC)
+    if QUADRATIC:
+        if PHASE_GRAD_F32:  # see _launch_config: float16 cannot hold large phase gradients
+            dk_p += tl.dot(tl.trans(g_phase), q_p.to(tl.float32), input_precision=DOT_PREC)
+        else:
+            dk_p += tl.dot(tl.trans(g_phase).to(q_p.dtype), q_p, input_precision=DOT_PREC)
+    else:
+        dsk += tl.sum(g_phase, axis=0)
+    return dk_a, dk_p, dsk, dv
+
+
+@triton.jit
+def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          H, Tq, Tk, alpha, amp_scale, phase_scale,
+                          D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
+                          BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
+                          DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
+    # one program = one block of BLOCK_N keys of one (batch, head); it walks over the query blocks
+    # that can see these keys and accumulates dK and dV in registers
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    Q_base = Q + b * stride_qb + h * stride_qh
+    DO_base = DO + b * stride_dob + h * stride_doh
+    LSE_base = LSE + pid_bh * Tq
+    DELTA_base = DELTA + pid_bh * Tq
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_a = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
+    k_p = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
+    sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale  # linear phase only
+
+    dk_a = tl.zeros([BLOCK_N, BLOCK_DA], dtype=tl.float32)
+    dk_p = tl.zeros([BLOCK_N, BLOCK_DP], dtype=tl.float32)  # quadratic phase
+    dsk = tl.zeros([BLOCK_N], dtype=tl.float32)             # linear phase
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query row i (position i + shift) sees key n when i + shift >= n. The first query block with a
+    # row that sees any of our keys starts at the block holding row start_n - shift; until the rows
+    # reach our last key, start_n + BLOCK_N - 1, tiles straddle the diagonal and need the mask; every
+    # later query block sees all our keys. Blocks above the diagonal are skipped entirely.
+    # (Query rows past Tq in the last block load as zeros with dO = 0 and Delta = 0, so they add
+    # exactly nothing; key rows past Tk are computed but never stored: no extra mask needed.)
+    shift = Tk - Tq
+    lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+    masked_end = (tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    masked_end = tl.maximum(tl.minimum(masked_end, Tq), lo)
+    for start_m in range(lo, masked_end, BLOCK_M):
+        dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
+                                         Q_base, DO_base, LSE_base, DELTA_base, stride_qt, stride_dot,
+                                         Tq, Tk, shift, alpha, amp_scale, phase_scale, D_A, D_P, D,
+                                         BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M, QUADRATIC, True,
+                                         DOT_PREC, PHASE_GRAD_F32)
+    for start_m in range(masked_end, Tq, BLOCK_M):
+        dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
+                                         Q_base, DO_base, LSE_base, DELTA_base, stride_qt, stride_dot,
+                                         Tq, Tk, shift, alpha, amp_scale, phase_scale, D_A, D_P, D,
+                                         BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M, QUADRATIC, False,
+                                         DOT_PREC, PHASE_GRAD_F32)
+
+    DK_base = DK + b * stride_dkb + h * stride_dkh
+    _store_rows(DK_base, dk_a, offs_n, Tk, stride_dkt, 0, BLOCK_DA, D_A)
+    if QUADRATIC:
+        _store_rows(DK_base, dk_p, offs_n, Tk, stride_dkt, D_A, BLOCK_DP, D_P)
+    else:  # the same value for every phase dim of key n
+        _store_rows(DK_base, dk_p + dsk[:, None], offs_n, Tk, stride_dkt, D_A, BLOCK_DP, D_P)
+    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, Tk, stride_dvt, 0, BLOCK_D, D)
+
+
+@triton.jit
+def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_base, V_base,
+             stride_kt, stride_vt, Tk, alpha, amp_scale, phase_scale,
+             D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
+             BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+             DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
+    """Add the contribution of the key block [start_n, start_n + BLOCK_N) to one query block's dQ."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
+    k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
+    v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
+    sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
+    p, g_amp, g_phase = _bwd_tile(q_a, q_p, sq, do, lse, delta, pos_m, k_a, k_p, sk, v, offs_n, Tk,
+                                  alpha, amp_scale, phase_scale, QUADRATIC, CAUSAL_MASK, DOT_PREC)
+    dq_a += tl.dot(g_amp.to(k_a.dtype), k_a, input_precision=DOT_PREC)
+    if QUADRATIC:
+        if PHASE_GRAD_F32:
+            dq_p += tl.dot(g_phase, k_p.to(tl.float32), input_precision=DOT_PREC)
+        else:
+            dq_p += tl.dot(g_phase.to(k_p.dtype), k_p, input_precision=DOT_PREC)
+    else:
+        dsq += tl.sum(g_phase, axis=1)
+    return dq_a, dq_p, dsq
+
+
+@triton.jit
+def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        H, Tq, Tk, alpha, amp_scale, phase_scale,
+                        D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
+                        BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
+                        DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
+    # one program = one block of BLOCK_M queries; it walks over the visible key blocks (the same
+    # ranges as the forward) and accumulates dQ in registers
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    Q_base = Q + b * stride_qb + h * stride_qh
+    K_base = K + b * stride_kb + h * stride_kh
+    V_base = V + b * stride_vb + h * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + (Tk - Tq)
+    q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
+    q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
+    sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, Tq, stride_dot, 0, BLOCK_D, D)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+
+    dq_a = tl.zeros([BLOCK_M, BLOCK_DA], dtype=tl.float32)
+    dq_p = tl.zeros([BLOCK_M, BLOCK_DP], dtype=tl.float32)  # quadratic phase
+    dsq = tl.zeros([BLOCK_M], dtype=tl.float32)             # linear phase
+
+    first = pid_m * BLOCK_M + (Tk - Tq)
+    unmasked_end = ((first + 1) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(first + BLOCK_M, Tk)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        dq_a, dq_p, dsq = _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n,
+                                   K_base, V_base, stride_kt, stride_vt, Tk, alpha, amp_scale, phase_scale,
+                                   D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, False,
+                                   DOT_PREC, PHASE_GRAD_F32)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        dq_a, dq_p, dsq = _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n,
+                                   K_base, V_base, stride_kt, stride_vt, Tk, alpha, amp_scale, phase_scale,
+                                   D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, True,
+                                   DOT_PREC, PHASE_GRAD_F32)
+
+    DQ_base = DQ + b * stride_dqb + h * stride_dqh
+    _store_rows(DQ_base, dq_a, offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
+    if QUADRATIC:
+        _store_rows(DQ_base, dq_p, offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
+    else:  # the same value for every phase dim of query m
+        _store_rows(DQ_base, dq_p + dsq[:, None], offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
+
+
+# -----------------------------------------------------------------------------
+# The PyTorch side: checks, launch configuration, autograd
+
+
+def _pow2(n):
+    """Next power of two, at least 16 (tl.dot's smallest inner dimension)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
+    D = q.size(-1)
+    dtype = q.dtype
+    cfg = dict(
+        D_A=d_amp, D_P=D - d_amp, D=D,
+        BLOCK_DA=_pow2(d_amp), BLOCK_DP=_pow2(D - d_amp), BLOCK_D=_pow2(D),
+        # float32 inputs: do the matmuls in true float32 ("ieee"), not TF32. The phase angle
+        # multiplies the q_P.k_P error by 2*pi*|m-n|^alpha, and TF32's 10-bit mantissa is too coarse
+        # for a reference-quality float32 path. Otherwise None = the backend's default, which only
+        # matters for the float32 phase-gradient matmuls of float16 inputs (TF32 on NVIDIA).
+        DOT_PREC='ieee' if dtype == torch.float32 else None,
+        # float16 inputs: the phase gradient carries a factor 2*pi*|m-n|^alpha * A that can exceed
+        # float16's range (65504) at long distances, so those two backward matmuls take float32
+        # operands (TF32 on the tensor cores: float16's precision, float32's range). bfloat16 already
+        # has float32's range.
+        PHASE_GRAD_F32=(dtype == torch.float16),
+    )
+    # Tile sizes (BLOCK_M query rows x BLOCK_N key columns per score tile) and warps per program.
+    # Chosen so that no kernel spills registers: checked by compiling for sm_80, sm_86 and sm_90
+    # and reading ptxas's report (TAPA keeps more tiles alive than FlashAttention: amplitude, phase,
+    # cos, and in the backward sin and two gradients). Starting points, to be timed on the target GPU.
+    #   forward   one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
+    #   dK/dV     one program per BLOCK_N keys, streaming queries BLOCK_M at a time.
+    #   dQ        one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
+    # The block a program keeps is the larger one: it is reused across the whole sweep.
+    wide = cfg['BLOCK_D'] > 64
+    f32 = dtype == torch.float32  # twice the bytes per tile: smaller tiles to fit shared memory
+    tiles = dict(fwd=(32 if f32 and wide else 64, 64, 8 if wide else 4),
+                 dkdv=(16 if f32 and wide else 32, 64 if not (f32 and wide) else 32, 8),
+                 dq=(64 if not (f32 and wide) else 32, 32, 4))
+    launch = {}
+    for name, (bm, bn, nw) in tiles.items():
+        launch[name] = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn,
+                            num_warps=num_warps or nw, num_stages=num_stages or 2)
+        if _interpreting():  # the interpreter ignores these (and warns about some)
+            launch[name].pop('num_warps'), launch[name].pop('num_stages')
+    return cfg, launch
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _on_device(t):
+    # launch on the tensor's GPU even when another one is the current device
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _TapaAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, d_amp, quadratic, cfg, launch):
+        B, H, Tq, D = q.shape
+        Tk = k.size(2)
+        o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+        amp_scale = LOG2E / math.sqrt(d_amp)  # amplitude logits in log2 units, for exp2
+        phase_scale = 1.0 / math.sqrt(D - d_amp)
+        grid = (triton.cdiv(Tq, launch['fwd']['BLOCK_M']), B * H)
+        with _on_device(q):
+            _tapa_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                                   H, Tq, Tk, alpha, amp_scale, phase_scale, QUADRATIC=quadratic, **cfg, **launch['fwd'])
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.alpha, ctx.amp_scale, ctx.phase_scale = alpha, amp_scale, phase_scale
+        ctx.quadratic, ctx.cfg, ctx.launch = quadratic, cfg, launch
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, H, Tq, D = q.shape
+        Tk = k.size(2)
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        # Delta[m] = sum_d dO[m,d] * O[m,d] = sum_n P[m,n] * dP[m,n], the softmax backward's row term.
+        # One small elementwise pass; PyTorch does it fine.
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        dq = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, H, Tk, D), device=k.device, dtype=k.dtype)
+        dv = torch.empty((B, H, Tk, D), device=v.device, dtype=v.dtype)
+        args = (ctx.alpha, ctx.amp_scale, ctx.phase_scale)
+        launch = ctx.launch
+        with _on_device(q):
+            _tapa_bwd_dkdv_kernel[(triton.cdiv(Tk, launch['dkdv']['BLOCK_N']), B * H)](
+                q, k, v, do, lse, delta, dk, dv,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic, **ctx.cfg, **launch['dkdv'])
+            _tapa_bwd_dq_kernel[(triton.cdiv(Tq, launch['dq']['BLOCK_M']), B * H)](
+                q, k, v, do, lse, delta, dq,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic, **ctx.cfg, **launch['dq'])
+        return dq, dk, dv, None, None, None, None, None
+
+
+
+def tapa_split(head_dim, theta):
+    """(d_A, d_P): the amplitude width theta*D and the phase width D - theta*D, both whole and
+    positive -- the same rule as model.tapa_split (repeated here so this file stands alone)."""
+    d_amp = theta * head_dim
+    if not (0.0 < theta < 1.0) or abs(d_amp - round(d_amp)) > 1e-6 or round(d_amp) in (0, head_dim):
+        raise ValueError(
+            f"tapa_attention_triton: theta={theta} with head dim {head_dim} gives an amplitude part of "
+            f"{d_amp:g} dims and a phase part of {head_dim - d_amp:g}: both must be positive whole numbers "
+            f"(e.g. theta=0.5 or 0.25 for head dim {head_dim})")
+    d_amp = round(d_amp)
+    return d_amp, head_dim - d_amp
+
+
+def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *,
+                          block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """Fused causal TAPA attention. q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, the queries
+    being the last Tq positions. float16, bfloat16 or float32 (all three the same), CUDA tensors
+    (or CPU tensors under TRITON_INTERPRET=1). Returns (B, H, Tq, D) in q's dtype; differentiable
+    in q, k and v. block_m / block_n / num_warps / num_stages override the launch configuration
+    (block sizes: powers of two >= 16)."""
+    if _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"tapa_attention_triton needs Triton (pip install triton; Linux + CUDA GPU): "
+                           f"importing it failed with {_TRITON_IMPORT_ERROR!r}. Use attn_impl='chunked' instead.")
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise TypeError("tapa_attention_triton: q, k and v must be torch tensors")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"tapa_attention_triton: q, k, v must be 4-D (B, H, T, D); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Tq, D = q.shape
+    Tk = k.size(2)
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.size(3) != D:
+        raise ValueError(f"tapa_attention_triton: expected k and v of shape (B, H, Tk, D) = "
+                         f"({B}, {H}, Tk, {D}) matching q {tuple(q.shape)}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Tq > Tk:
+        raise ValueError(f"tapa_attention_triton: {Tq} queries but only {Tk} keys; the queries must be "
+                         f"the last Tq of the Tk positions (Tq <= Tk)")
+    if Tq == 0 or B * H == 0:
+        raise ValueError(f"tapa_attention_triton: empty input, q {tuple(q.shape)}")
+    if not 16 <= D <= 256:
+        raise ValueError(f"tapa_attention_triton: head dim {D} is outside the supported 16..256; "
+                         f"use attn_impl='chunked' for other sizes")
+    d_amp, _ = tapa_split(D, theta)
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"tapa_attention_triton: alpha={alpha!r} must be a finite number > 0")
+    if phase not in ('quadratic', 'linear'):
+        raise ValueError(f"tapa_attention_triton: phase={phase!r} must be 'quadratic' or 'linear'")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"tapa_attention_triton: q, k, v must share one dtype among float16, bfloat16, "
+                        f"float32; got {q.dtype}, {k.dtype}, {v.dtype} (float64: use attn_impl='naive')")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"tapa_attention_triton: q, k, v are on different devices "
+                         f"({q.device}, {k.device}, {v.device})")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"tapa_attention_triton: tensors are on {q.device}, but the fused kernel runs on "
+                         f"CUDA GPUs only (set TRITON_INTERPRET=1 before importing triton to run it, slowly, "
+                         f"on CPU; or use attn_impl='chunked')")
+    for bs in (block_m, block_n):
+        if bs is not None and (bs < 16 or bs & (bs - 1)):
+            raise ValueError(f"tapa_attention_triton: block sizes must be powers of two >= 16, got {bs}")
+    # the kernels want unit stride along the head dim (any other layout is fine)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages)
+    return _TapaAttention.apply(q, k, v, float(alpha), d_amp, phase == 'quadratic', cfg, launch)

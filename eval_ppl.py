@@ -21,12 +21,15 @@ whatever context exists. Every token of a document except its first is scored ex
 sliding_windows() below for the exact rule. S = L gives back-to-back chunks (cheapest, but then the
 average token has only L/2 of context); the default S = 256 is the usual choice.
 
-Only documents that hold at least one full window (L + 1 tokens: L inputs and the token after them)
-are used at length L; how many documents and tokens each length used is printed and saved.
---max_docs and --max_tokens_per_length bound the cost, deterministically: documents are taken in
-the split's order, and the token budget is shared evenly among them, each document contributing
-its first tokens (at least one full window). Note that a budget of one window per document turns
-the protocol into "score the first L tokens of each document", as YaRN's evaluation does.
+Which tokens are scored. Only documents that hold at least one full window (L + 1 tokens: L inputs
+and the token after them) are used at length L. By default (--same_docs=True) every length scores
+the very same tokens: those of the documents long enough for the largest length, so that the only
+thing that changes along a curve is the context, not the text. --same_docs=False lets each length
+use every document long enough for it instead (more text at short lengths, but then a curve mixes
+the effect of the context with that of different documents). --max_docs and --max_tokens_per_length
+bound the cost, deterministically: documents are taken in the split's order, and the token budget
+is shared evenly among them, each document contributing its first tokens (at least one full window
+of the largest length). How many documents and tokens each length used is printed and saved.
 Cost: each window is a full forward pass of L tokens that scores only S of them, so a length costs
 about (scored tokens / S) * (cost of an L-token forward pass). On a laptop CPU, lower
 --max_tokens_per_length or the largest length first; on a GPU, raise them.
@@ -65,6 +68,7 @@ split = 'validation'
 lengths = ''                 # comma-separated context lengths; '' = dyadic, trained length .. max_factor x it
 max_factor = 16              # the default lengths go up to max_factor times the trained context
 stride = 256                 # S of the sliding window (capped at L); stride = L gives back-to-back chunks
+same_docs = True             # score the same tokens at every length (see above)
 max_docs = 0                 # use at most this many documents per length (0 = all that are long enough)
 max_tokens_per_length = 32768  # scored tokens per length and checkpoint (0 = everything): bounds the cost
 batch_tokens = 16384         # windows per batch = max(1, batch_tokens // L)
@@ -83,7 +87,7 @@ def default_config():
     """This script's config keys and their default values (the globals above)."""
     g = globals()
     return {k: g[k] for k in ('ckpt', 'labels', 'data_dir', 'split', 'lengths', 'max_factor', 'stride',
-                              'max_docs', 'max_tokens_per_length', 'batch_tokens', 'out', 'device', 'dtype',
+                              'same_docs', 'max_docs', 'max_tokens_per_length', 'batch_tokens', 'out', 'device', 'dtype',
                               'attn_impl', 'rope_scaling', 'rope_factor', 'rope_base', 'quiet')}
 
 
@@ -479,8 +483,17 @@ def evaluate(config, log=print):
         f"device {dev}; lengths {Ls}")
 
     # the documents of each length depend only on the data, the same for every checkpoint
-    selection = {L: select_documents(doc_lengths, L, config['max_docs'], config['max_tokens_per_length'])
-                 for L in Ls}
+    budget = (config['max_docs'], config['max_tokens_per_length'])
+    if config['same_docs']:
+        # the same tokens at every length: chosen for the longest length some document can fill
+        reachable = [L for L in Ls if np.any(doc_lengths >= L + 1)]
+        common = select_documents(doc_lengths, max(reachable), *budget) if reachable else []
+        selection = {L: common if L in reachable else [] for L in Ls}
+        if reachable:
+            log(f"scoring the same {len(common)} documents ({sum(n - 1 for _, n in common):,} tokens) at every "
+                f"length up to {max(reachable)} (--same_docs=False uses all documents long enough for each length)")
+    else:
+        selection = {L: select_documents(doc_lengths, L, *budget) for L in Ls}
     results = dict(split=config['split'], data_dir=data_dir, stride=config['stride'], lengths=Ls,
                    config=dict(config), data_per_length={}, models=[])
     for L in Ls:

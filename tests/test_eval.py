@@ -202,7 +202,8 @@ def test_rope_scaling_override_needs_a_factor():
 # eval_ppl.py end to end
 
 
-def test_eval_ppl_writes_table_json_csv_and_reports_learned_beyond_its_context(tmp_path, capsys):
+@pytest.mark.parametrize('same_docs', [True, False])
+def test_eval_ppl_writes_table_json_csv_and_reports_learned_beyond_its_context(tmp_path, capsys, same_docs):
     rng = np.random.default_rng(3)
     doc_lengths = [40, 12, 25, 7]  # + EOT: 41, 13, 26, 8 tokens
     data_dir = write_split(str(tmp_path / 'data'), [rng.integers(1, 256, n) for n in doc_lengths])
@@ -212,7 +213,7 @@ def test_eval_ppl_writes_table_json_csv_and_reports_learned_beyond_its_context(t
     prefix = str(tmp_path / 'results' / 'ppl')
     eval_ppl.main([f'--ckpt={a},{b},{c}/ckpt.pt', '--lengths=8,16', '--stride=4', f'--data_dir={data_dir}',
                    f'--out={prefix}', '--quiet=True', '--device=cpu', '--max_tokens_per_length=0',
-                   '--rope_scaling=yarn', '--rope_factor=2'])
+                   '--rope_scaling=yarn', '--rope_factor=2', f'--same_docs={same_docs}'])
     stdout = capsys.readouterr().out
 
     with open(prefix + '.json') as f:
@@ -221,9 +222,10 @@ def test_eval_ppl_writes_table_json_csv_and_reports_learned_beyond_its_context(t
     labels = [m['label'] for m in res['models']]
     assert labels == ['tapa', 'learned', 'rope yarn x2']
     by_label = {m['label']: m['results'] for m in res['models']}
-    # documents with at least L+1 tokens, each scoring all but its first token
+    # documents with at least L+1 tokens (L = 16 for every length with same_docs), each scoring all but
+    # its first token
     for L in (8, 16):
-        used = [n + 1 for n in doc_lengths if n + 1 >= L + 1]
+        used = [n + 1 for n in doc_lengths if n + 1 >= (16 if same_docs else L) + 1]
         assert res['data_per_length'][str(L)]['docs'] == len(used)
         assert res['data_per_length'][str(L)]['tokens'] == sum(n - 1 for n in used)
         assert by_label['tapa'][str(L)]['tokens'] == sum(n - 1 for n in used)

@@ -101,6 +101,7 @@ def get_pyplot():
                          "pip install matplotlib  (or pip install -r requirements-dev.txt)") from None
     matplotlib.use('Agg')  # files only, no window
     import matplotlib.pyplot as plt
+    plt.rcParams.update({'font.size': 9, 'legend.fontsize': 7.5, 'axes.titlesize': 9})
     return plt
 
 
@@ -510,15 +511,16 @@ def plot_rope_bias(cfg, path):
     ax1.set_ylabel('expected pre-softmax score')
     ax1.set_title(f"E[score] under Assumption 2.1 (D={D}, mu0={mu0:g}, nu0={nu0:g})\n"
                   f"lines: closed form; dots: Monte Carlo +-2 s.e. ({cfg['mc_samples']} samples)", fontsize=9)
-    ax1.legend(fontsize=7, loc='upper right')
+    ax1.legend(fontsize=7.5, loc='upper right')
     ax2.set_xlabel(f"Delta = score(near {nr[0]}..{nr[1]}) - score(far {fr[0]}..{fr[1]})")
     ax2.set_ylabel('density')
+    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.25)  # room for the legend
     ax2.set_title(f"near-vs-far gap for random q, k (q_i~N({a:g},{s:g}^2), k_i~N({b:g},{s:g}^2))\n"
                   "a shift to the right = a built-in preference for near keys", fontsize=9)
     ax2.axvline(0, color='0.5', lw=0.5)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'])
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
     plt.close(fig)
 
 
@@ -529,7 +531,7 @@ def plot_tapa_decay(cfg, path):
     settings = [tuple(float(v) for v in pair.split(':')) for pair in str(cfg['tapa_settings']).split(',') if pair]
     grid = np.logspace(0, 6, 300)
     mc_dist = np.unique(np.round(np.logspace(0, 6, 13))).astype(np.int64)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 4.8))
     for i, (alpha, theta) in enumerate(settings):
         color = f'C{i}'
         rate = tapa_decay_exponent(alpha, theta, Ds)
@@ -552,16 +554,17 @@ def plot_tapa_decay(cfg, path):
     ax2.set_ylim(0, None)
     big = abs(tapa_phase_factor([1], D, theta0, alpha0, a, b, s)[0])
     ax1.set_xlabel('distance |m - n|')
-    ax1.set_ylabel('E[cos(2 pi |m-n|^alpha phi)] = E[score(m,n)] / E[score(m,m)]', fontsize=8)
-    ax1.set_title(f"TAPA's expected score decays like |m-n|^(-alpha(1-theta)D) (D={Ds})\n"
-                  f"lines: closed form, dotted: the power law, dots: Monte Carlo +-2 s.e., v: under the MC noise\n"
-                  f"(at D={D}, alpha={alpha0:g}, theta={theta0:g} it is {big:.0e} already at distance 1)", fontsize=8)
-    ax1.legend(fontsize=7, loc='lower left')
+    ax1.set_ylabel('E[score(m,n)] / E[score(m,m)]')
+    ax1.set_title(f"TAPA: E[score] decays like |m-n|^(-alpha(1-theta)D)  (D={Ds})\n"
+                  f"lines: closed form, dotted: that power law, dots: Monte Carlo\n"
+                  f"of E[cos] +-2 s.e., v: under the MC noise. (D={D}, alpha={alpha0:g},\n"
+                  f"theta={theta0:g}: {big:.0e} already at distance 1)", fontsize=9)
+    ax1.legend(fontsize=7.5, loc='lower left')
     ax2.set_xlabel('distance |m - n|')
     ax2.set_ylabel('Var[score(m,n)]')
-    ax2.set_title(f"...while one score's variance stays bounded away from 0 (D={Ds})\n"
-                  "lines: closed form, dots: Monte Carlo", fontsize=8)
-    ax2.legend(fontsize=7, loc='lower left')
+    ax2.set_title(f"...while one score's variance stays\nbounded away from 0 (D={Ds})\n"
+                  "lines: closed form, dots: Monte Carlo", fontsize=9)
+    ax2.legend(fontsize=7.5, loc='lower left')
     nr, fr = parse_list(cfg['near'], int), parse_list(cfg['far'], int)
     n = cfg['mc_samples']
     d_rope = rope_mc_delta(D, parse_list(cfg['rope_bases'])[0], n, a, b, s, nr, fr, seed=cfg['seed'] + 20)
@@ -572,12 +575,13 @@ def plot_tapa_decay(cfg, path):
                  label=f"{name}: mean {delta.mean():.2f}, std {delta.std():.2f}")
         ax3.axvline(delta.mean(), color=color, ls='--', lw=1)
     ax3.axvline(0, color='0.5', lw=0.5)
+    ax3.set_ylim(0, ax3.get_ylim()[1] * 1.25)  # room for the legend
     ax3.set_xlabel(f"Delta = score(near {nr[0]}..{nr[1]}) - score(far {fr[0]}..{fr[1]})")
     ax3.set_ylabel('density')
-    ax3.set_title(f"Appendix I on random q, k (D={D}): RoPE's Delta is shifted,\nTAPA's is centred at 0", fontsize=8)
-    ax3.legend(fontsize=7)
+    ax3.set_title(f"the paper's Appendix I on random q, k (D={D}):\nRoPE's Delta is shifted, TAPA's is centred at 0", fontsize=9)
+    ax3.legend(fontsize=7.5, loc='upper left')
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'])
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
     plt.close(fig)
 
 
@@ -608,14 +612,14 @@ def plot_rope_scaling(cfg, path):
     ax1.set_ylabel('wavelength 2*pi / w_d (tokens)')
     ax1.set_title(f'RoPE family, D={D}: the wavelength of every pair\n'
                   'pairs whose wavelength exceeds the training context never saw a full turn', fontsize=9)
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=7.5)
     ax2.set_xlabel('rotated pair d')
     ax2.set_ylabel('slow-down w_d(base 1e4) / w_d(variant)')
     ax2.set_title('how much each method slows each pair down\n'
                   '(PI: all by s; NTK: mostly the slow pairs; YaRN: a ramp from 1 to s)', fontsize=9)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'])
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
     plt.close(fig)
 
 
@@ -634,14 +638,14 @@ def plot_alibi(cfg, path):
     ax1.set_xlabel('distance m - n')
     ax1.set_ylabel('bias added to the score')
     ax1.set_title(f'ALiBi: -slope_h * (m - n), {H} heads', fontsize=9)
-    ax1.legend(fontsize=7, ncol=2)
+    ax1.legend(fontsize=7.5, ncol=2)
     ax2.set_xlabel('distance m - n')
     ax2.set_ylabel('attention weight')
     ax2.set_title(f'softmax over {T} keys with equal content scores:\nsteep heads look local, shallow heads look far', fontsize=9)
     ax2.set_ylim(1e-8, 1.5)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'])
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
     plt.close(fig)
 
 
@@ -670,9 +674,9 @@ def plot_nope(cfg, path):
     ax2.set_xlabel('query position m')
     ax2.set_ylabel('norm of the attention output')
     ax2.set_title('the causal mask leaks position: the output shrinks with m', fontsize=9)
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'])
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
     plt.close(fig)
 
 
@@ -725,10 +729,10 @@ def plot_checkpoints(cfg, paths, wanted):
         ax.set_ylabel('density')
         ax.set_title(f"near-vs-far score gap per layer, head and query\n"
                      f"{cfg['n_seqs']} {cfg['split']} windows of {r0['T']} tokens", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7.5)
         fig.tight_layout()
         written.append(os.path.join(out, 'delta_hist.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'])
+        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
         plt.close(fig)
     if 'attention_vs_distance' in wanted:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -741,15 +745,15 @@ def plot_checkpoints(cfg, paths, wanted):
         ut, uc = uniform_attention_by_distance(T, T - T // 4)
         ax.semilogy(range(len(bins)), binned_mass(ut, uc, bins), 'k--', lw=1, label='uniform attention (no preference)')
         ax.set_xticks(range(len(bins)))
-        ax.set_xticklabels([f'{lo}' if lo == hi else f'{lo}-{hi}' for lo, hi in bins], rotation=45, fontsize=7)
+        ax.set_xticklabels([f'{lo}' if lo == hi else f'{lo}-{hi}' for lo, hi in bins], rotation=45, fontsize=7.5)
         ax.set_xlabel('distance m - n (log-spaced bins)')
         ax.set_ylabel('attention mass in the bin')
         ax.set_title(f"where the last quarter of the queries of each window put their attention\n"
                      f"(mean over layers, heads, queries; {cfg['n_seqs']} {cfg['split']} windows)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7.5)
         fig.tight_layout()
         written.append(os.path.join(out, 'attention_vs_distance.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'])
+        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
         plt.close(fig)
     if 'attention_maps' in wanted:
         from matplotlib.colors import LogNorm
@@ -760,12 +764,12 @@ def plot_checkpoints(cfg, paths, wanted):
             probs = r['map_probs'][layer][head].numpy()
             probs = np.ma.masked_where(np.triu(np.ones_like(probs, dtype=bool), 1), probs)
             im = ax.imshow(np.clip(probs, 1e-4, 1), norm=LogNorm(vmin=1e-4, vmax=1), cmap='magma', interpolation='nearest')
-            ax.set_title(f"{r['label']}\nlayer {layer}, head {head}", fontsize=8)
+            ax.set_title(f"{r['label']}\nlayer {layer}, head {head}", fontsize=9)
             ax.set_xlabel('key n')
             ax.set_ylabel('query m')
         fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label='attention weight (log)')
         written.append(os.path.join(out, 'attention_maps.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'])
+        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
         plt.close(fig)
     learned = [r for r in results if r['model'].config.pos_encoding == 'learned']
     if 'learned_positions' in wanted and learned:
@@ -773,12 +777,12 @@ def plot_checkpoints(cfg, paths, wanted):
         for ax, r in zip(axes[0], learned):
             wpe = F.normalize(r['model'].transformer.wpe.weight.detach().float(), dim=-1)
             im = ax.imshow((wpe @ wpe.t()).numpy(), cmap='RdBu_r', vmin=-1, vmax=1)
-            ax.set_title(f"{r['label']}\ncosine similarity of position embeddings", fontsize=8)
+            ax.set_title(f"{r['label']}\ncosine similarity of position embeddings", fontsize=9)
             ax.set_xlabel('position')
             ax.set_ylabel('position')
         fig.colorbar(im, ax=list(axes[0]), fraction=0.03)
         written.append(os.path.join(out, 'learned_positions.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'])
+        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
         plt.close(fig)
     return written
 

@@ -342,17 +342,19 @@ def evaluate(config, log=print):
                 bar.update(len(ds) * config['num_trials'])
                 bar.write(f"{label:>24} L={L:>6}: n/a ({na})")
                 continue
+            # every prompt of this length is L tokens long, whatever its depth: batch them all together
+            everything = [b for d in ds for b in prompts[d]]
+            for i in range(0, len(everything), config['batch_size']):
+                batch = everything[i:i + config['batch_size']]
+                gen, ll = answer_and_score(model, [b['ids'] for b in batch], [b['answer'] for b in batch],
+                                           n_new, autocast)
+                for b, g, l in zip(batch, gen, ll):
+                    b['generated'] = tok.decode(g)
+                    b['correct'] = first_number(b['generated']) == b['key']
+                    b['loglik_per_digit'] = l / config['key_digits']
+                bar.update(len(batch))
             for d in ds:
                 trials = prompts[d]
-                for i in range(0, len(trials), config['batch_size']):
-                    batch = trials[i:i + config['batch_size']]
-                    gen, ll = answer_and_score(model, [b['ids'] for b in batch], [b['answer'] for b in batch],
-                                               n_new, autocast)
-                    for b, g, l in zip(batch, gen, ll):
-                        b['generated'] = tok.decode(g)
-                        b['correct'] = first_number(b['generated']) == b['key']
-                        b['loglik_per_digit'] = l / config['key_digits']
-                    bar.update(len(batch))
                 entry['results'][str(L)][str(d)] = dict(
                     accuracy=sum(b['correct'] for b in trials) / len(trials),
                     loglik_per_digit=sum(b['loglik_per_digit'] for b in trials) / len(trials),

@@ -520,7 +520,7 @@ def plot_rope_bias(cfg, path):
     ax2.axvline(0, color='0.5', lw=0.5)
     ax2.legend(fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
+    fig.savefig(path, dpi=cfg['dpi'])
     plt.close(fig)
 
 
@@ -581,7 +581,7 @@ def plot_tapa_decay(cfg, path):
     ax3.set_title(f"the paper's Appendix I on random q, k (D={D}):\nRoPE's Delta is shifted, TAPA's is centred at 0", fontsize=9)
     ax3.legend(fontsize=7.5, loc='upper left')
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
+    fig.savefig(path, dpi=cfg['dpi'])
     plt.close(fig)
 
 
@@ -619,7 +619,7 @@ def plot_rope_scaling(cfg, path):
                   '(PI: all by s; NTK: mostly the slow pairs; YaRN: a ramp from 1 to s)', fontsize=9)
     ax2.legend(fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
+    fig.savefig(path, dpi=cfg['dpi'])
     plt.close(fig)
 
 
@@ -645,7 +645,7 @@ def plot_alibi(cfg, path):
     ax2.set_ylim(1e-8, 1.5)
     ax2.legend(fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
+    fig.savefig(path, dpi=cfg['dpi'])
     plt.close(fig)
 
 
@@ -676,7 +676,7 @@ def plot_nope(cfg, path):
     ax2.set_title('the causal mask leaks position: the output shrinks with m', fontsize=9)
     ax2.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')
+    fig.savefig(path, dpi=cfg['dpi'])
     plt.close(fig)
 
 
@@ -732,7 +732,7 @@ def plot_checkpoints(cfg, paths, wanted):
         ax.legend(fontsize=7.5)
         fig.tight_layout()
         written.append(os.path.join(out, 'delta_hist.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
+        fig.savefig(written[-1], dpi=cfg['dpi'])
         plt.close(fig)
     if 'attention_vs_distance' in wanted:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -753,11 +753,12 @@ def plot_checkpoints(cfg, paths, wanted):
         ax.legend(fontsize=7.5)
         fig.tight_layout()
         written.append(os.path.join(out, 'attention_vs_distance.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
+        fig.savefig(written[-1], dpi=cfg['dpi'])
         plt.close(fig)
     if 'attention_maps' in wanted:
         from matplotlib.colors import LogNorm
-        fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4.3), squeeze=False)
+        fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.3), squeeze=False,
+                                 constrained_layout=True)
         for ax, r in zip(axes[0], results):
             layer = cfg['map_layer'] % len(r['map_probs'])
             head = cfg['map_head'] % r['map_probs'][layer].size(0)
@@ -767,22 +768,23 @@ def plot_checkpoints(cfg, paths, wanted):
             ax.set_title(f"{r['label']}\nlayer {layer}, head {head}", fontsize=9)
             ax.set_xlabel('key n')
             ax.set_ylabel('query m')
-        fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label='attention weight (log)')
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label='attention weight (log)')
         written.append(os.path.join(out, 'attention_maps.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
+        fig.savefig(written[-1], dpi=cfg['dpi'])
         plt.close(fig)
     learned = [r for r in results if r['model'].config.pos_encoding == 'learned']
     if 'learned_positions' in wanted and learned:
-        fig, axes = plt.subplots(1, len(learned), figsize=(4.6 * len(learned), 4.3), squeeze=False)
+        fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned) + 0.8, 4.3), squeeze=False,
+                                 constrained_layout=True)
         for ax, r in zip(axes[0], learned):
             wpe = F.normalize(r['model'].transformer.wpe.weight.detach().float(), dim=-1)
             im = ax.imshow((wpe @ wpe.t()).numpy(), cmap='RdBu_r', vmin=-1, vmax=1)
             ax.set_title(f"{r['label']}\ncosine similarity of position embeddings", fontsize=9)
             ax.set_xlabel('position')
             ax.set_ylabel('position')
-        fig.colorbar(im, ax=list(axes[0]), fraction=0.03)
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
         written.append(os.path.join(out, 'learned_positions.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
+        fig.savefig(written[-1], dpi=cfg['dpi'])
         plt.close(fig)
     return written
 

@@ -9,8 +9,8 @@ A link is written [`name`](../model.py#L<start>-L<end>), where name is either
   - a function, class or method (`rope_frequencies`, `GPT.hidden`): the link covers its whole
     definition, from the `def`/`class` line to its last line (found with python's ast), or
   - a code snippet (anything that is not a plain dotted name, e.g. `inv_freq = inv_freq / factor`):
-    the link starts at the line holding the snippet (the occurrence closest to the old link if it
-    appears more than once) and keeps its old number of lines.
+    the link starts at the one line holding the snippet (it must be on exactly one line of model.py)
+    and keeps its old number of lines.
 tests/test_viz.py checks every link independently of this script.
 """
 
@@ -46,10 +46,10 @@ def resolve(name, start, end, lines, spans):
             raise ValueError(f"`{name}` is not a function, class or method of model.py")
         return spans[name]
     hits = [i + 1 for i, line in enumerate(lines) if name in line]
-    if not hits:
-        raise ValueError(f"the snippet `{name}` is no longer in model.py")
-    first = min(hits, key=lambda h: abs(h - start))
-    return first, first + (end - start)
+    if len(hits) != 1:
+        raise ValueError(f"the snippet `{name}` is on {len(hits)} lines of model.py; a snippet must be on "
+                         f"exactly one (quote more of the line)")
+    return hits[0], hits[0] + (end - start)
 
 
 def update(doc_path, check_only=False):

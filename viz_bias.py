@@ -316,7 +316,9 @@ def load_checkpoint(path, device='cpu'):
     ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain python only
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise SystemExit(f"{path} is not a train.py checkpoint (expected a dict with 'model' and 'model_args')")
-    model = GPT(GPTConfig(**ckpt['model_args']))
+    # attn_impl='auto': a checkpoint trained with the Triton kernel must still load on a CPU (we only
+    # read q, k, v out of the model, and every implementation computes the same attention)
+    model = GPT(GPTConfig(**{**ckpt['model_args'], 'attn_impl': 'auto'}))
     state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt
@@ -724,6 +726,7 @@ def plot_checkpoints(cfg, paths, wanted):
                     label=f"{r['label']}\nmean {d.mean():.2f}, std {d.std():.2f}, {100 * (d > 0).mean():.0f}% > 0")
             ax.axvline(d.mean(), color=f'C{i}', ls='--', lw=1)
         ax.axvline(0, color='0.5', lw=0.5)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # room for the legend
         r0 = results[0]
         ax.set_xlabel(f"Delta = mean score(distance 1..{r0['d_short']}) - mean score(distance >= {r0['d_long']})")
         ax.set_ylabel('density')

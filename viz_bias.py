@@ -789,6 +789,8 @@ def plot_checkpoints(cfg, paths, wanted):
         written.append(os.path.join(out, 'learned_positions.png'))
         fig.savefig(written[-1], dpi=cfg['dpi'])
         plt.close(fig)
+    elif 'learned_positions' in wanted and cfg['figures'] != 'all':
+        print("(learned_positions: none of the checkpoints uses pos_encoding='learned')")
     return written
 
 

@@ -109,26 +109,21 @@ class TrainError(RuntimeError):
 
 def check_settings(cfg):
     """Catch impossible settings before any work (preparing data, building the model) is done."""
-    def fail(msg):
-        raise ConfigError(msg)
-    if cfg['init_from'] not in ('scratch', 'resume'):
-        fail(f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
-    if cfg['compile'] not in (True, False, 'auto'):
-        fail(f"compile={cfg['compile']!r} must be True, False or 'auto'")
-    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
-        fail(f"dtype={cfg['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
-    for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
-              'log_interval', 'eval_iters'):
-        if cfg[k] < 1:
-            fail(f"{k}={cfg[k]} must be at least 1")
-    if cfg['max_iters'] < 0:
-        fail(f"max_iters={cfg['max_iters']} must be >= 0")
+    choices = {'init_from': ('scratch', 'resume'), 'compile': (True, False, 'auto'),
+               'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+    for k, allowed in choices.items():
+        if cfg[k] not in allowed:
+            raise ConfigError(f"{k}={cfg[k]!r} must be one of {allowed}")
+    for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
+              'eval_iters', 'max_iters'):
+        if cfg[k] < (0 if k == 'max_iters' else 1):
+            raise ConfigError(f"{k}={cfg[k]} is too small")
     if cfg['decay_lr'] and cfg['lr_decay_iters'] <= cfg['warmup_iters']:
-        fail(f"lr_decay_iters={cfg['lr_decay_iters']} must be larger than warmup_iters={cfg['warmup_iters']}")
+        raise ConfigError(f"lr_decay_iters={cfg['lr_decay_iters']} must be larger than warmup_iters={cfg['warmup_iters']}")
     try:  # the model's own checks (positional encoding names, head sizes, TAPA's split...)
         check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
-        fail(str(e))
+        raise ConfigError(str(e)) from e
 
 
 def resolve_config(overrides, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES, model=None):
@@ -464,7 +459,10 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     losses = {}
     t_start = time.time() - elapsed_before  # elapsed time carries on across resumes
     t_last, iters_since_log = time.time(), 0
-    bar = tqdm(total=cfg['max_iters'], initial=min(iter_num, cfg['max_iters']), unit='it', dynamic_ncols=True)
+    if resumed and iter_num >= cfg['max_iters'] and not cfg['eval_only']:
+        print(f"the checkpoint is at iter {iter_num}, max_iters is {cfg['max_iters']}: nothing to do (raise --max_iters)")
+    bar = tqdm(total=cfg['max_iters'], initial=min(iter_num, cfg['max_iters']), unit='it', dynamic_ncols=True,
+               mininterval=0.5)
     try:
         while True:
             lr = get_lr(iter_num, cfg)
@@ -541,3 +539,5 @@ if __name__ == '__main__':
         train(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES))
     except (ConfigError, TrainError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: continue from the last checkpoint with --init_from=resume (same --out_dir)")

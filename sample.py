@@ -1,0 +1,78 @@
+"""
+Generate text from a trained checkpoint.
+
+    python sample.py --out_dir=out-quickstart
+    python sample.py --out_dir=out-quickstart --start="def fibonacci(n):" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out-pg19-tapa --start=FILE:prompt.txt --temperature=0.7 --top_k=50
+
+The tokenizer (byte or gpt2) is the one the checkpoint was trained with. Generation uses the model's
+KV cache: each new token costs one forward pass of one token, not of the whole text so far.
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import ConfigError, get_overrides
+from tokenizer import get_tokenizer
+from train import TrainError, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'            # the folder holding ckpt.pt
+start = '\n'               # the prompt, or FILE:path to read it from a file ('' = start from end-of-text)
+num_samples = 3
+max_new_tokens = 500       # tokens to generate per sample
+temperature = 0.8          # < 1 sharper, > 1 more random; 0 = always the most likely token
+top_k = 200                # sample among the k most likely tokens only (0 = all of them)
+seed = 1337
+device = 'auto'            # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
+dtype = 'auto'
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+
+
+def main(argv):
+    """Print num_samples samples and return them as a list of strings."""
+    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv)}
+    if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1 or cfg['temperature'] < 0 or cfg['top_k'] < 0:
+        raise ConfigError("num_samples and max_new_tokens must be >= 1, temperature and top_k >= 0")
+    checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
+    tokenizer = get_tokenizer(checkpoint['config'].get('tokenizer', 'gpt2'))
+    dev = pick_device(cfg['device'])
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[pick_dtype(cfg['dtype'], dev)]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=dev.type, dtype=ptdtype)
+    model = model_from_checkpoint(checkpoint)
+    model.eval().to(dev)
+    del checkpoint  # the optimizer state is big and of no use here
+
+    prompt = cfg['start']
+    if prompt.startswith('FILE:'):
+        with open(prompt[5:], encoding='utf-8') as f:
+            prompt = f.read()
+    # allow_eot: a literal '<|endoftext|>' in the prompt means "a new document starts here"
+    ids = tokenizer.encode(prompt, allow_eot=True) or [tokenizer.eot_token]
+    total = len(ids) + cfg['max_new_tokens']
+    if model.config.pos_encoding == 'learned' and total > model.config.block_size:
+        raise ConfigError(f"learned position embeddings stop at block_size={model.config.block_size}, but the prompt "
+                          f"({len(ids)} tokens) plus max_new_tokens={cfg['max_new_tokens']} is {total}: lower "
+                          f"max_new_tokens (the other positional encodings have no such limit)")
+    x = torch.tensor(ids, dtype=torch.long, device=dev)[None, :]
+
+    torch.manual_seed(cfg['seed'])
+    samples = []
+    with torch.no_grad(), autocast:
+        for _ in range(cfg['num_samples']):
+            y = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'] or None)
+            samples.append(tokenizer.decode(y[0].tolist()))
+            print(samples[-1])
+            print('---------------')
+    return samples
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, TrainError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,404 @@
+"""Checks of train.py, configurator.py, sample.py and configs/: a short real training run whose
+loss falls, an interrupted-and-resumed run that matches an uninterrupted one bit for bit, and one
+clear error for each kind of bad input. Tiny models and tiny token files made here, CPU only."""
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import types
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import train  # noqa: E402
+from configurator import ConfigError, get_overrides  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+# a model small enough to train a few dozen steps in seconds
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=4,
+            warmup_iters=3, lr_decay_iters=30, learning_rate=5e-3, min_lr=1e-3, device='cpu')
+
+
+def make_data(folder, n_train=20000, n_val=4000, tokenizer='byte'):
+    """Write a dataset in the prepared-data format (contract) directly with numpy: real text as
+    bytes (this repository's model.py), so there is something to learn; one document per split."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(REPO, 'model.py'), 'rb') as f:
+        text = f.read().replace(b'\x00', b'')
+    assert len(text) >= n_train + n_val
+    splits = {}
+    for split, (a, b) in (('train', (0, n_train - 1)), ('validation', (n_train, n_train + n_val - 1))):
+        tokens = np.append(np.frombuffer(text[a:b], dtype=np.uint8), 0).astype(np.uint16)  # + EOT (0)
+        tokens.tofile(os.path.join(folder, f'{split}.bin'))
+        np.save(os.path.join(folder, f'{split}.docs.npy'), np.array([0, len(tokens)], dtype=np.int64))
+        splits[split] = {'tokens': len(tokens), 'docs': 1}
+    meta = {'dataset': 'tiny', 'tokenizer': tokenizer, 'vocab_size': 256, 'eot_token': 0,
+            'dtype': 'uint16', 'splits': splits, 'source': 'test'}
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(folder)
+
+
+def read_log(out_dir, drop=('elapsed_s', 'tokens_per_s')):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
+
+
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp('data') / 'tiny' / 'byte')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dir):
+    """A short real training run (30 steps): its out_dir and its result."""
+    out_dir = str(tmp_path_factory.mktemp('trained'))
+    result = train.train({**TINY, 'data_dir': data_dir, 'out_dir': out_dir, 'max_iters': 30,
+                          'eval_interval': 10, 'log_interval': 5})
+    return out_dir, result
+
+
+# ---------------------------------------------------------------------------
+# a real run
+
+
+def test_training_loss_falls(trained):
+    out_dir, result = trained
+    log = read_log(out_dir)
+    evals = [r for r in log if r['kind'] == 'eval']
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30]
+    assert [r['iter'] for r in log if r['kind'] == 'train'] == [0, 5, 10, 15, 20, 25]
+    # an untrained model guesses uniformly among 256 bytes: loss ln(256) = 5.55
+    assert abs(evals[0]['val_loss'] - math.log(256)) < 0.3
+    # 30 steps on real text: well below a uniform guess, and falling
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.5
+    assert evals[-1]['val_loss'] < evals[1]['val_loss']
+    assert result['iter_num'] == 30 and result['val_loss'] == evals[-1]['val_loss']
+    # the learning rate of the log follows warmup + cosine (independent formula)
+    lrs = {r['iter']: r['lr'] for r in log if r['kind'] == 'train'}
+    assert lrs[0] == pytest.approx(5e-3 * 1 / 4)
+    assert lrs[15] == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi * 12 / 27)) * (5e-3 - 1e-3))
+
+
+def test_checkpoint_holds_the_contract(trained):
+    out_dir, _ = trained
+    # loadable without unpickling arbitrary objects
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    for key in ('model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num', 'best_val_loss', 'rng'):
+        assert key in ckpt
+    assert ckpt['format_version'] == 1 and ckpt['iter_num'] == 30
+    assert set(ckpt['model_args']) == {f.name for f in fields(GPTConfig)}
+    assert ckpt['model_args']['vocab_size'] == 256 and ckpt['model_args']['n_layer'] == 2
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    assert set(ckpt['rng']) >= {'python', 'numpy', 'torch', 'cuda', 'batches'}
+    assert ckpt['config']['batch_size'] == 8 and ckpt['config']['pos_encoding'] == 'tapa'
+    evals = [r['val_loss'] for r in read_log(out_dir) if r['kind'] == 'eval']
+    assert ckpt['best_val_loss'] == min(evals)
+    assert not os.path.exists(os.path.join(out_dir, 'ckpt.pt.tmp'))
+
+
+def test_loading_ignores_torch_compile_prefix(trained):
+    out_dir, _ = trained
+    ckpt = train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    plain = train.model_from_checkpoint(ckpt)
+    ckpt['model'] = {'_orig_mod.' + k: v for k, v in ckpt['model'].items()}  # as a compiled model saves
+    compiled = train.model_from_checkpoint(ckpt)
+    for (k, a), (_, b) in zip(plain.state_dict().items(), compiled.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    """8 steps in one go == 4 steps, stop, resume for 4 more: same losses, same weights. With dropout
+    and gradient accumulation, so the batch sampler's and dropout's random states both matter."""
+    settings = {**TINY, 'data_dir': data_dir, 'dropout': 0.1, 'gradient_accumulation_steps': 2,
+                'batch_size': 4, 'eval_interval': 4, 'eval_iters': 2, 'log_interval': 1,
+                'warmup_iters': 2, 'lr_decay_iters': 8}
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    train.train({**settings, 'out_dir': whole, 'max_iters': 8})
+    train.train({**settings, 'out_dir': parts, 'max_iters': 4})
+    assert train.load_checkpoint(os.path.join(parts, 'ckpt.pt'))['iter_num'] == 4
+    # a line an interrupted run wrote after the checkpoint must not survive the resume
+    with open(os.path.join(parts, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps({'kind': 'train', 'iter': 4, 'loss': 123.0, 'lr': 0.0}) + '\n{"kind": "tr')
+    torch.manual_seed(999)  # the resume must not depend on the state it finds
+    train.train({'out_dir': parts, 'init_from': 'resume', 'max_iters': 8})
+
+    log_whole, log_parts = read_log(whole), read_log(parts)
+    assert [r['iter'] for r in log_whole if r['kind'] == 'train'] == list(range(8))
+    assert log_parts == log_whole  # every loss and val loss identical, bit for bit
+    a = torch.load(os.path.join(whole, 'ckpt.pt'), weights_only=True)
+    b = torch.load(os.path.join(parts, 'ckpt.pt'), weights_only=True)
+    assert a['iter_num'] == b['iter_num'] == 8
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert torch.equal(a['rng']['batches'], b['rng']['batches'])
+
+
+def test_eval_batches_are_fixed_and_draw_no_training_randomness(data_dir):
+    cfg, _ = train.resolve_config({**TINY, 'data_dir': data_dir})
+    _, _, paths, _ = train.find_data(cfg)
+    model = train.GPT(GPTConfig(**{**{k: cfg[k] for k in train.MODEL_KEYS}, 'dropout': 0.5}, vocab_size=256))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = train.estimate_loss(model, paths, cfg, torch.device('cpu'), train.nullcontext())
+    second = train.estimate_loss(model, paths, cfg, torch.device('cpu'), train.nullcontext())
+    assert first == second
+    assert torch.equal(torch.get_rng_state(), state)  # no dropout draws during evaluation
+    assert model.training
+
+
+def test_get_batch_windows(data_dir):
+    data = np.fromfile(os.path.join(data_dir, 'train.bin'), dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    x, y = train.get_batch(os.path.join(data_dir, 'train.bin'), 6, 16, g, torch.device('cpu'))
+    assert x.shape == y.shape == (6, 16) and x.dtype == torch.long
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        # each row is a window of 17 consecutive tokens of the data; y is x shifted by one
+        starts = [i for i in range(len(data) - 16) if np.array_equal(data[i:i + 16], row_x)]
+        assert any(np.array_equal(data[i + 1:i + 17], row_y) for i in starts)
+
+
+def test_sample_from_checkpoint(trained):
+    out_dir, _ = trained
+    cmd = [sys.executable, os.path.join(REPO, 'sample.py'), f'--out_dir={out_dir}', '--num_samples=2',
+           '--max_new_tokens=30', '--start=def f(x):', '--seed=1']
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    samples = runs[0].stdout.split('---------------\n')
+    assert len(samples) == 3 and samples[2] == ''  # two samples, each followed by the separator
+    for s in samples[:2]:
+        assert s.startswith('def f(x):') and len(s) > len('def f(x):\n') + 5
+    assert runs[1].stdout == runs[0].stdout  # same seed, same text
+
+
+# ---------------------------------------------------------------------------
+# the command line and the configurator
+
+
+def test_command_line_run_and_error(tmp_path, data_dir):
+    cfg_file = tmp_path / 'my_config.py'
+    cfg_file.write_text(f"data_dir = {data_dir!r}\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n"
+                        "batch_size = 2\neval_iters = 1\nlog_interval = 1\nwarmup_iters = 1\n")
+    out_dir = str(tmp_path / 'out')
+    ok = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), str(cfg_file), f'--out_dir={out_dir}',
+                         '--max_iters=3', '--lr_decay_iters=3', '--pos_encoding=rope'],
+                        capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert 'parameters' in ok.stdout and 'tokens per iteration: 1 x 2 x 16 = 32' in ok.stdout
+    assert train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model_args']['pos_encoding'] == 'rope'
+    bad = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), str(cfg_file), '--n_layers=3'],
+                         capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert bad.returncode != 0
+    assert "unknown setting 'n_layers'" in bad.stderr and "'n_layer'" in bad.stderr
+    assert 'Traceback' not in bad.stderr  # one clear message, no stack trace
+
+
+def test_unknown_key_names_the_closest_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown setting 'learnig_rate'.*'learning_rate'"):
+        get_overrides(train.DEFAULTS, ['--learnig_rate=1e-3'], train.OPTIONAL_TYPES)
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("n_layer = 2\nbatchsize = 4\n")
+    with pytest.raises(ConfigError, match=r"'batchsize' in config file .*c\.py.*'batch_size'"):
+        get_overrides(train.DEFAULTS, [str(cfg_file)], train.OPTIONAL_TYPES)
+    with pytest.raises(ConfigError, match='--key=value'):
+        get_overrides(train.DEFAULTS, ['--n_layer'], train.OPTIONAL_TYPES)
+    with pytest.raises(ConfigError, match='not found'):
+        get_overrides(train.DEFAULTS, [str(tmp_path / 'missing.py')], train.OPTIONAL_TYPES)
+    with pytest.raises(ConfigError, match="unknown setting 'n_layers' passed to train"):
+        train.resolve_config({'n_layers': 2})
+
+
+@pytest.mark.parametrize('arg, expected', [
+    ('--n_layer=8', 8),
+    ('--learning_rate=1', 1.0),          # an int is fine for a float
+    ('--learning_rate=3e-4', 3e-4),
+    ('--bias=True', True),
+    ('--bias=false', False),
+    ('--pos_encoding=rope', 'rope'),     # strings need no quotes
+    ("--pos_encoding='rope'", 'rope'),
+    ('--dataset=123', '123'),            # a string setting stays a string
+    ('--rope_scaling=None', None),       # Optional settings take None
+    ('--rope_scaling=yarn', 'yarn'),
+    ('--rope_original_block_size=512', 512),
+    ('--compile=False', False),
+    ('--compile=auto', 'auto'),
+])
+def test_values_are_typed(arg, expected):
+    value = get_overrides(train.DEFAULTS, [arg], train.OPTIONAL_TYPES)[arg[2:].split('=')[0]]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--batch_size=8.5', r"'batch_size'.*must be int, got float 8\.5"),
+    ('--batch_size=8.0', r"write 8"),
+    ('--batch_size=abc', r"'batch_size'.*must be int, got str"),
+    ('--batch_size=True', r"must be int, got bool"),
+    ('--learning_rate=fast', r"'learning_rate'.*must be float"),
+    ('--bias=maybe', r"'bias'.*must be bool"),
+    ('--n_layer=None', r"'n_layer'.*must be int, got NoneType"),
+    ('--rope_original_block_size=1.5', r"must be int or None"),
+])
+def test_wrong_types_fail(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        get_overrides(train.DEFAULTS, [arg], train.OPTIONAL_TYPES)
+
+
+def test_config_file_values_are_checked_and_later_arguments_win(tmp_path):
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("import math\n_helper = 3\nn_layer = 2 * _helper\nlearning_rate = 1\n")
+    o = get_overrides(train.DEFAULTS, [str(cfg_file), '--n_layer=4'], train.OPTIONAL_TYPES)
+    assert o == {'n_layer': 4, 'learning_rate': 1.0} and type(o['learning_rate']) is float
+    o = get_overrides(train.DEFAULTS, ['--n_layer=4', str(cfg_file)], train.OPTIONAL_TYPES)
+    assert o['n_layer'] == 6
+    cfg_file.write_text("batch_size = 12.0\n")
+    with pytest.raises(ConfigError, match=r"'batch_size' in config file.*write 12"):
+        get_overrides(train.DEFAULTS, [str(cfg_file)], train.OPTIONAL_TYPES)
+
+
+def test_train_defaults_mirror_gptconfig():
+    """train.py has a setting for every model field (but vocab_size), with the model's default except
+    for the model's size, which train.py sets smaller."""
+    for f in fields(GPTConfig):
+        if f.name not in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
+            assert train.DEFAULTS[f.name] == f.default, f.name
+        assert f.name == 'vocab_size' or f.name in train.DEFAULTS
+    assert 'vocab_size' not in train.DEFAULTS
+
+
+def test_every_config_file_loads_and_checks():
+    files = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+    assert len(files) >= 13
+    loaded = {}
+    for path in files:
+        overrides = get_overrides(train.DEFAULTS, [path], train.OPTIONAL_TYPES)
+        cfg, _ = train.resolve_config(overrides)  # type checks, then the settings and model checks
+        loaded[os.path.basename(path)[:-3]] = cfg
+    q = loaded['quickstart']
+    assert (q['dataset'], q['tokenizer'], q['pos_encoding']) == ('pycode', 'byte', 'tapa')
+    pes = ['tapa', 'rope', 'alibi', 'nope', 'learned']
+    for pe in pes:
+        tiny, gpu = loaded[f'tiny_{pe}'], loaded[f'pg19_gpt2_{pe}']
+        assert tiny['pos_encoding'] == gpu['pos_encoding'] == pe
+        assert (tiny['n_layer'], tiny['n_embd'], tiny['n_head'], tiny['block_size'], tiny['batch_size']) == (4, 128, 4, 128, 16)
+        assert (tiny['dataset'], tiny['tokenizer']) == ('pg19', 'byte')
+        # the tiny configs differ only in the positional encoding (and where they write)
+        differ = {k for k in tiny if tiny[k] != loaded['tiny_rope'][k]}
+        assert differ <= {'pos_encoding', 'out_dir'}
+        assert (gpu['n_layer'], gpu['n_embd'], gpu['n_head'], gpu['tokenizer']) == (12, 768, 12, 'gpt2')
+        assert gpu['block_size'] in (1024, 2048)
+    assert len({loaded[f'tiny_{pe}']['out_dir'] for pe in pes}) == 5
+    assert len({loaded[f'pg19_gpt2_{pe}']['out_dir'] for pe in pes}) == 5
+    assert loaded['pg19_gpt2_tapa']['learning_rate'] < loaded['pg19_gpt2_rope']['learning_rate']
+
+
+# ---------------------------------------------------------------------------
+# bad input: one clear error each
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    missing = str(tmp_path / 'data' / 'pg19' / 'byte')
+    with pytest.raises(train.TrainError,
+                       match=r"python data/pg19/prepare\.py --tokenizer byte --source \.\./shared/data/pg19_mini"):
+        train.train({**TINY, 'dataset': 'pg19', 'data_dir': missing, 'out_dir': str(tmp_path / 'out')})
+    with pytest.raises(train.TrainError, match=r"unknown dataset 'nosuch'.*pg19.*pycode"):
+        train.train({**TINY, 'dataset': 'nosuch', 'out_dir': str(tmp_path / 'out')})
+
+
+def test_pycode_is_prepared_on_first_use(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_prepare(tokenizer, out_dir):
+        calls.append((tokenizer, out_dir))
+        make_data(out_dir)
+        return out_dir
+    monkeypatch.setitem(sys.modules, 'data.pycode.prepare', types.SimpleNamespace(prepare=fake_prepare))
+    folder = str(tmp_path / 'pycode' / 'byte')
+    cfg, _ = train.resolve_config({**TINY, 'dataset': 'pycode', 'data_dir': folder})
+    data_dir, meta, paths, lengths = train.find_data(cfg)
+    assert calls == [('byte', folder)] and data_dir == folder
+    assert 'preparing the pycode dataset' in capsys.readouterr().out
+    train.find_data(cfg)
+    assert len(calls) == 1  # only on first use
+
+
+def test_unknown_positional_encoding(tmp_path):
+    with pytest.raises(ConfigError, match=r"pos_encoding='rotary' is not one of .*'tapa'.*'rope'"):
+        train.train({**TINY, 'pos_encoding': 'rotary', 'out_dir': str(tmp_path)})
+
+
+def test_block_size_larger_than_the_data(tmp_path):
+    folder = make_data(tmp_path / 'small', n_train=5000, n_val=100)
+    with pytest.raises(train.TrainError, match=r"validation split .* has 100 tokens.*block_size\+1 = 129"):
+        train.train({**TINY, 'data_dir': folder, 'block_size': 128, 'out_dir': str(tmp_path / 'out')})
+    # exactly block_size + 1 tokens is enough for one window
+    cfg, _ = train.resolve_config({**TINY, 'data_dir': folder, 'block_size': 99})
+    train.find_data(cfg)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(train.TrainError, match=r"no checkpoint at .*ckpt\.pt"):
+        train.train({'init_from': 'resume', 'out_dir': str(tmp_path / 'empty')})
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage'])
+def test_corrupt_checkpoint(tmp_path, trained, damage):
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(trained[0], out_dir)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    with open(path, 'rb') as f:
+        raw = f.read()
+    with open(path, 'wb') as f:
+        f.write(raw[:len(raw) // 2] if damage == 'truncate' else b'not a checkpoint' * 100)
+    with pytest.raises(train.TrainError, match=r"cannot read the checkpoint .*ckpt\.pt.*--init_from=scratch"):
+        train.train({'init_from': 'resume', 'out_dir': out_dir})
+
+
+def test_checkpoint_missing_keys_or_other_version(tmp_path, trained):
+    ckpt = torch.load(os.path.join(trained[0], 'ckpt.pt'), weights_only=True)
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({k: v for k, v in ckpt.items() if k != 'optimizer'}, path)
+    with pytest.raises(train.TrainError, match="lacks optimizer"):
+        train.load_checkpoint(path)
+    torch.save({**ckpt, 'format_version': 99}, path)
+    with pytest.raises(train.TrainError, match="format version 99"):
+        train.load_checkpoint(path)
+
+
+def test_resume_refuses_conflicting_architecture(trained):
+    out_dir = trained[0]
+    with pytest.raises(ConfigError, match=r"conflict.*n_layer=8 \(it has 2\).*pos_encoding='rope' \(it has 'tapa'\)"):
+        train.resolve_config({'init_from': 'resume', 'out_dir': out_dir, 'pos_encoding': 'rope', 'n_layer': 8})
+    # repeating the checkpoint's own values is fine; other settings may change; the rest come from it
+    cfg, ckpt = train.resolve_config({'init_from': 'resume', 'out_dir': out_dir, 'n_layer': 2,
+                                      'learning_rate': 1e-4, 'dropout': 0.1})
+    assert cfg['learning_rate'] == 1e-4 and cfg['dropout'] == 0.1
+    assert cfg['batch_size'] == 8 and cfg['n_embd'] == 32 and cfg['out_dir'] == out_dir
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained):
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(trained[0], out_dir)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    before = sha256(path)
+    # a learning rate of 1e30 makes the weights overflow float32 after one step
+    with pytest.raises(train.TrainError, match=r"loss is (nan|inf) at iter 31.*ckpt\.pt \(iter 30\) is the last good"):
+        train.train({'init_from': 'resume', 'out_dir': out_dir, 'max_iters': 40, 'learning_rate': 1e30,
+                     'decay_lr': False, 'always_save_checkpoint': True, 'eval_interval': 1})
+    assert sha256(path) == before
+    assert not any(r['kind'] == 'train' and r['iter'] >= 31 for r in read_log(out_dir))

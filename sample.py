@@ -39,7 +39,9 @@ def main(argv):
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1 or cfg['temperature'] < 0 or cfg['top_k'] < 0:
         raise ConfigError("num_samples and max_new_tokens must be >= 1, temperature and top_k >= 0")
     checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
-    tokenizer = get_tokenizer(checkpoint['config'].get('tokenizer', 'gpt2'))
+    # the tokenizer the model was trained with (older checkpoints: guess it from the vocabulary size)
+    tokenizer = get_tokenizer(checkpoint['config'].get('tokenizer') or
+                              ('byte' if checkpoint['model_args']['vocab_size'] <= 256 else 'gpt2'))
     dev = pick_device(cfg['device'])
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[pick_dtype(cfg['dtype'], dev)]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=dev.type, dtype=ptdtype)

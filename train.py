@@ -535,6 +535,10 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
 
 
 if __name__ == '__main__':
+    if any(a in ('-h', '--help') for a in sys.argv[1:]):
+        print(__doc__)
+        print('settings and their defaults:\n' + '\n'.join(f'  --{k}={v!r}' for k, v in DEFAULTS.items()))
+        sys.exit(0)
     try:
         train(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES))
     except (ConfigError, TrainError) as e:

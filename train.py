@@ -1,7 +1,7 @@
 """
 Train a GPT with a pluggable positional encoding, nanoGPT style.
 
-    python train.py configs/quickstart.py                    # laptop CPU, a few minutes
+    python train.py configs/quickstart.py                    # laptop CPU, under 10 minutes
     python train.py configs/tiny_rope.py --max_iters=500     # a config file, then any --key=value
     python train.py configs/pg19_gpt2_tapa.py                # one 24 GB GPU
     python train.py --out_dir=out-quickstart --init_from=resume   # continue an interrupted run

@@ -391,14 +391,23 @@ def test_resume_refuses_conflicting_architecture(trained):
     assert cfg['batch_size'] == 8 and cfg['n_embd'] == 32 and cfg['out_dir'] == out_dir
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained):
+@pytest.mark.parametrize('caught_by', ['training loss', 'validation loss'])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained, caught_by):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(trained[0], out_dir)
     path = os.path.join(out_dir, 'ckpt.pt')
     before = sha256(path)
-    # a learning rate of 1e30 makes the weights overflow float32 after one step
-    with pytest.raises(train.TrainError, match=r"loss is (nan|inf) at iter 31.*ckpt\.pt \(iter 30\) is the last good"):
-        train.train({'init_from': 'resume', 'out_dir': out_dir, 'max_iters': 40, 'learning_rate': 1e30,
-                     'decay_lr': False, 'always_save_checkpoint': True, 'eval_interval': 1})
+    # a learning rate of 1e30 makes the weights overflow float32 after one step (iter 30), so the loss
+    # of iter 31 is not finite; with an evaluation (and always_save_checkpoint) at every iteration, the
+    # evaluation at 31 sees it first and must not save the broken model either
+    settings = {'init_from': 'resume', 'out_dir': out_dir, 'max_iters': 40, 'learning_rate': 1e30, 'decay_lr': False}
+    if caught_by == 'training loss':
+        settings.update(eval_interval=1000)
+        message = r"the loss is (nan|inf) at iter 31"
+    else:
+        settings.update(eval_interval=1, always_save_checkpoint=True)
+        message = r"the validation loss is (nan|inf) at iter 31"
+    with pytest.raises(train.TrainError, match=message + r".*ckpt\.pt \(iter 30\) is the last good"):
+        train.train(settings)
     assert sha256(path) == before
-    assert not any(r['kind'] == 'train' and r['iter'] >= 31 for r in read_log(out_dir))
+    assert not any(r['iter'] >= 31 for r in read_log(out_dir))

@@ -49,6 +49,7 @@ class GPTConfig:
     tapa_alpha: float = 0.1           # distance exponent alpha
     tapa_theta: float = 0.5           # fraction of the head dim that forms the amplitude part
     tapa_phase: str = 'quadratic'     # 'quadratic' (q_P.k_P) or 'linear' (sum q_P + sum k_P), the paper's ablation
+    tapa_phase_scale: float = 1.0     # multiplies phi; 1.0 = Eq. 12 exactly. A reparametrization, see TAPA below
     # RoPE and its long-context family
     rope_base: float = 10000.0        # ABF ("adjusted base frequency") is simply a larger base
     rope_scaling: Optional[str] = None  # None, 'pi', 'ntk', 'dynamic_ntk' or 'yarn'
@@ -80,6 +81,8 @@ def check_config(config):
     if config.pos_encoding == 'tapa':
         tapa_split(head_dim, config.tapa_theta)
         check_tapa_args(config.tapa_alpha, config.tapa_phase)
+        if not (math.isfinite(config.tapa_phase_scale) and config.tapa_phase_scale > 0):
+            raise ValueError(f"tapa_phase_scale={config.tapa_phase_scale!r} must be a finite number > 0")
     if config.pos_encoding == 'rope':
         if head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dims: head dim {head_dim} must be even")
@@ -521,6 +524,20 @@ def pick_tapa_impl(requested, device, Tq, Tk):
     return 'naive' if Tq * Tk <= 128 * 128 else 'chunked'
 
 
+# Making TAPA learn in a small model. At GPT-2 initialization q_P.k_P is tiny, so every angle is near
+# 0, where cos is flat (its slope, -sin, is ~0): the phase gets almost no useful gradient, while Adam
+# still moves the phase weights by ~lr per step. The phase then grows into content-dependent noise on
+# every score before it has learned anything, and a 4-layer model stalls near the bigram level.
+# Two knobs, neither of which changes what the model can express (scaling phi by g is the same as
+# scaling the phase rows of the q projection, so the function class is exactly Eq. 12's):
+#   tapa_phase_scale = g (config): phi -> g * phi. With Adam this acts like a g-times smaller init and
+#       learning rate for the phase projections: g < 1 lets the amplitude (content) part learn first.
+#   tapa_phase_warmup_iters (train.py): phi -> ramp * phi with ramp going linearly from ~0 to 1, so
+#       the phase comes in after the model has learned local structure; at ramp = 1 it is Eq. 12 again.
+# Both are applied in CausalSelfAttention.attend by scaling q_P (and k_P for the linear phase) before
+# tapa_attention, so every implementation (naive, chunked, Triton) supports them unchanged.
+
+
 # -----------------------------------------------------------------------------
 # The transformer
 
@@ -548,6 +565,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         if config.pos_encoding == 'alibi':
             self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
+        if config.pos_encoding == 'tapa':
+            # per-dim multipliers of q (and, for the linear phase, of k): 1 on the amplitude dims and
+            # tapa_phase_scale * ramp on the phase dims, so phi is multiplied by that factor (see
+            # GPT.set_tapa_phase_ramp). Skipped entirely while the factor is 1, i.e. Eq. 12 as published.
+            self.register_buffer('tapa_dim_scale', torch.ones(config.n_embd // config.n_head), persistent=False)
+            self.tapa_phase_scaled = False  # a bool, not the factor: torch.compile then needn't recompile per step
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.size()
@@ -568,6 +591,9 @@ class CausalSelfAttention(nn.Module):
         place where the positional encoding enters."""
         cfg, Tq, Tk = self.config, q.size(2), k.size(2)
         if cfg.pos_encoding == 'tapa':
+            if self.tapa_phase_scaled:  # phi is bilinear in (q_P, k_P) ('quadratic') or linear in both
+                q = q * self.tapa_dim_scale
+                k = k * self.tapa_dim_scale if cfg.tapa_phase == 'linear' else k
             impl = pick_tapa_impl(cfg.attn_impl, q.device, Tq, Tk)
             return tapa_attention(q, k, v, cfg.tapa_alpha, cfg.tapa_theta, cfg.tapa_phase, impl)
         impl = 'naive' if cfg.attn_impl == 'naive' else 'auto'
@@ -632,6 +658,7 @@ class GPT(nn.Module):
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self._rope_cache = {}
+        self.set_tapa_phase_ramp(1.0)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -696,6 +723,17 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])
             loss = None
         return logits, loss
+
+    def set_tapa_phase_ramp(self, ramp):
+        """Multiply TAPA's phase phi by tapa_phase_scale * ramp in every layer (train.py ramps it in over
+        tapa_phase_warmup_iters; it is 1 otherwise, and always after training). No-op for other PEs."""
+        if self.config.pos_encoding != 'tapa':
+            return
+        factor = self.config.tapa_phase_scale * ramp
+        d_amp, _ = tapa_split(self.config.n_embd // self.config.n_head, self.config.tapa_theta)
+        for block in self.transformer.h:
+            block.attn.tapa_dim_scale[d_amp:] = factor
+            block.attn.tapa_phase_scaled = factor != 1.0
 
     def new_kv_cache(self):
         """An empty KV cache: one dict per layer, filled with the keys and values seen so far."""

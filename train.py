@@ -58,6 +58,8 @@ pos_encoding = 'tapa'        # 'tapa', 'rope', 'alibi', 'nope' or 'learned'
 tapa_alpha = 0.1
 tapa_theta = 0.5
 tapa_phase = 'quadratic'
+tapa_phase_scale = 1.0       # multiplies TAPA's phase phi (1.0 = the paper's Eq. 12); see model.py
+tapa_phase_warmup_iters = 0  # ramp TAPA's phase in linearly over the first this-many iterations (0 = off)
 rope_base = 10000.0
 rope_scaling = None
 rope_factor = 1.0
@@ -468,6 +470,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
+            if cfg['tapa_phase_warmup_iters'] > 0:  # a pure function of iter_num, so resume stays exact
+                raw_model.set_tapa_phase_ramp(min(1.0, (iter_num + 1) / cfg['tapa_phase_warmup_iters']))
             at_end = iter_num >= cfg['max_iters']
 
             # evaluate; save when the val loss improved (or always_save_checkpoint), and at the end.

@@ -359,3 +359,46 @@ def test_loss_at_init_is_near_uniform_and_training_step_reduces_it():
         loss2.backward()
         opt.step()
     assert loss2.item() < loss.item() - 0.5
+
+
+# ---------------------------------------------------------------------------
+# the small-scale knobs: tapa_phase_scale and the phase ramp are reparametrizations of Eq. 12
+
+
+@pytest.mark.parametrize('phase', ['quadratic', 'linear'])
+def test_phase_scale_equals_scaling_the_phase_projection_rows(phase):
+    """phi -> g*phi must equal the plain Eq. 12 model whose q_P rows (and, for the linear phase, k_P rows)
+    of c_attn are multiplied by g: the same function class, nothing else changed."""
+    g = 0.3
+    torch.manual_seed(0)
+    scaled = GPT(tiny_config(tapa_phase_scale=g, tapa_phase=phase)).eval()
+    with torch.no_grad():  # larger q, k than at init, where phi is so small that cos is ~1 whatever g is
+        for block in scaled.transformer.h:
+            block.attn.c_attn.weight *= 8
+    plain = GPT(tiny_config(tapa_phase=phase)).eval()
+    plain.load_state_dict(scaled.state_dict())
+    C, H = 32, 2
+    D = C // H
+    with torch.no_grad():
+        for block in plain.transformer.h:
+            W = block.attn.c_attn.weight  # rows: q (C), k (C), v (C); each head's phase dims are its last D/2
+            for h in range(H):
+                W[h * D + D // 2:(h + 1) * D] *= g
+                if phase == 'linear':
+                    W[C + h * D + D // 2:C + (h + 1) * D] *= g
+    idx = torch.randint(0, 61, (2, 20))
+    a, _ = scaled(idx, targets=idx)
+    b, _ = plain(idx, targets=idx)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and the ramp multiplies on top: ramp r on scale g is scale g*r
+    scaled.set_tapa_phase_ramp(0.5)
+    ref = GPT(tiny_config(tapa_phase_scale=g * 0.5, tapa_phase=phase)).eval()
+    ref.load_state_dict(scaled.state_dict())
+    torch.testing.assert_close(scaled(idx, targets=idx)[0], ref(idx, targets=idx)[0], rtol=1e-5, atol=1e-5)
+    assert (a - scaled(idx, targets=idx)[0]).abs().max() > 1e-2  # the ramp did change the function
+
+
+@pytest.mark.parametrize('scale', [0.0, -1.0, float('nan')])
+def test_bad_phase_scale_is_rejected(scale):
+    with pytest.raises(ValueError, match='tapa_phase_scale'):
+        GPT(tiny_config(tapa_phase_scale=scale))

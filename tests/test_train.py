@@ -125,10 +125,11 @@ def test_loading_ignores_torch_compile_prefix(trained):
 
 def test_resume_continues_exactly(tmp_path, data_dir):
     """8 steps in one go == 4 steps, stop, resume for 4 more: same losses, same weights. With dropout
-    and gradient accumulation, so the batch sampler's and dropout's random states both matter."""
+    and gradient accumulation, so the batch sampler's and dropout's random states both matter, and
+    with TAPA's phase ramp running across the interruption."""
     settings = {**TINY, 'data_dir': data_dir, 'dropout': 0.1, 'gradient_accumulation_steps': 2,
                 'batch_size': 4, 'eval_interval': 4, 'eval_iters': 2, 'log_interval': 1,
-                'warmup_iters': 2, 'lr_decay_iters': 8}
+                'warmup_iters': 2, 'lr_decay_iters': 8, 'tapa_phase_warmup_iters': 6}  # a ramp across the stop
     whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
     train.train({**settings, 'out_dir': whole, 'max_iters': 8})
     train.train({**settings, 'out_dir': parts, 'max_iters': 4})

@@ -1,0 +1,313 @@
+"""Checks of finetune_long.py and experiments/paper_in_miniature.py: fine-tuning runs of a few steps
+from tiny checkpoints trained here with train.py, on token files written here. The extension a
+fine-tune records is checked by what it does to the RoPE angles (against the published formulas),
+that the evaluation scripts apply it by a direct computation of the loss, and resume bit for bit."""
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import eval_ppl  # noqa: E402
+import finetune_long  # noqa: E402
+import paper_in_miniature  # noqa: E402
+import train  # noqa: E402
+from configurator import ConfigError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+torch.set_num_threads(1)
+HAS_MATPLOTLIB = importlib.util.find_spec('matplotlib') is not None
+
+# pretrained at context 16: head dim 16, so 8 RoPE pairs
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, eval_iters=2, eval_interval=6,
+            warmup_iters=2, lr_decay_iters=6, max_iters=6, learning_rate=5e-3, min_lr=1e-3, device='cpu',
+            log_interval=1)
+# a fine-tune of a few steps
+FT = dict(max_iters=3, warmup_iters=1, eval_interval=3, eval_iters=2)
+
+
+def make_data(folder, n_docs=(8, 4), doc_len=1200):
+    """Prepared byte-level data (the contract's format) written with numpy: this repository's own
+    source as text, several documents per split, each followed by the EOT token 0."""
+    text = b''.join(open(os.path.join(REPO, f), 'rb').read() for f in ('model.py', 'train.py', 'eval_ppl.py'))
+    text = text.replace(b'\x00', b'')
+    os.makedirs(folder, exist_ok=True)
+    pos, splits = 0, {}
+    for split, n in zip(('train', 'validation'), n_docs):
+        docs = [np.append(np.frombuffer(text[pos + i * doc_len:pos + (i + 1) * doc_len], dtype=np.uint8), 0)
+                for i in range(n)]
+        pos += n * doc_len
+        tokens = np.concatenate(docs).astype(np.uint16)
+        tokens.tofile(os.path.join(folder, f'{split}.bin'))
+        np.save(os.path.join(folder, f'{split}.docs.npy'), np.cumsum([0] + [len(d) for d in docs]).astype(np.int64))
+        splits[split] = {'tokens': int(len(tokens)), 'docs': n}
+    meta = {'dataset': 'tiny', 'tokenizer': 'byte', 'vocab_size': 256, 'eot_token': 0, 'dtype': 'uint16',
+            'splits': splits, 'source': 'test'}
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(folder)
+
+
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp('data') / 'tiny' / 'byte')
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, data_dir):
+    """pos_encoding -> out_dir of a 6-step train.py run at context 16."""
+    root = tmp_path_factory.mktemp('pretrained')
+    dirs = {}
+    for pe in ('rope', 'tapa', 'learned'):
+        dirs[pe] = str(root / pe)
+        train.train({**TINY, 'pos_encoding': pe, 'data_dir': data_dir, 'out_dir': dirs[pe]})
+    return dirs
+
+
+def load(out_dir):
+    return train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+
+
+def rope_angles(out_dir, T):
+    """cos and sin (T, 8) of the model loaded from a checkpoint, as every script loads it."""
+    model = train.model_from_checkpoint(load(out_dir))
+    return model.rope(T, torch.device('cpu'))
+
+
+# ---------------------------------------------------------------------------
+# the extension is applied and recorded
+
+
+@pytest.mark.parametrize('method', ['pi', 'yarn', 'abf'])
+def test_rope_finetune_records_its_extension(tmp_path, pretrained, method):
+    src = pretrained['rope']
+    before = sha256(os.path.join(src, 'ckpt.pt'))
+    ext = {'pi': {'rope_scaling': 'pi'}, 'yarn': {'rope_scaling': 'yarn'}, 'abf': {'rope_base': 5e5}}[method]
+    out = str(tmp_path / 'ft')
+    result = finetune_long.finetune({'init_dir': src, 'out_dir': out, **FT, **ext})
+    assert result['iter_num'] == 3
+    ckpt = load(out)
+    args, cfg = ckpt['model_args'], ckpt['config']
+    assert args['block_size'] == cfg['block_size'] == 64  # factor 4 (the default) x 16
+    assert args['rope_original_block_size'] == 16
+    expected = {'pi': ('pi', 4.0, 1e4), 'yarn': ('yarn', 4.0, 1e4), 'abf': (None, 1.0, 5e5)}[method]
+    assert (args['rope_scaling'], args['rope_factor'], args['rope_base']) == expected
+    assert cfg['init_ckpt'] == os.path.abspath(os.path.join(src, 'ckpt.pt'))
+    assert cfg['pretrained_block_size'] == 16 and cfg['factor'] == 4
+    assert cfg['batch_size'] == 2  # 8 x 16 tokens per step, as in pretraining: 2 windows of 64
+    assert cfg['learning_rate'] == pytest.approx(0.1 * TINY['learning_rate'])  # lr_scale
+    assert cfg['data_dir'] == load(src)['config']['data_dir']  # inherited from the pretrained run
+    # the pretrained checkpoint is untouched, and the fine-tune did train
+    assert sha256(os.path.join(src, 'ckpt.pt')) == before
+    w0, w1 = load(src)['model'], ckpt['model']
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+    # the angles of the loaded model follow the method's formula (head dim D = 16, pairs i = 0..7)
+    cos, sin = rope_angles(out, 64)
+    p = torch.arange(64, dtype=torch.float64)[:, None]
+    w = 10000.0 ** (-torch.arange(8, dtype=torch.float64) / 8)  # base^(-2i/D)
+    if method == 'pi':  # every frequency / 4: position 4p looks like position p did in pretraining
+        cos0, sin0 = rope_angles(src, 16)
+        assert torch.allclose(cos[0::4], cos0, atol=1e-5) and torch.allclose(sin[0::4], sin0, atol=1e-5)
+    elif method == 'abf':  # base 5e5
+        w_abf = 5e5 ** (-torch.arange(8, dtype=torch.float64) / 8)
+        assert torch.allclose(cos.double(), torch.cos(p * w_abf), atol=1e-4)
+    else:  # YaRN: cos and sin scaled by 0.1 ln(4) + 1 (q.k by its square, the softmax temperature), and
+        # a ramp over the pair index from floor(d(32)) to ceil(d(1)), d(r) = D ln(16 / (2 pi r)) / (2 ln 1e4)
+        # the pair index that turns r times in the original 16 tokens: d(32) = -2.2, d(1) = 0.81, so the
+        # ramp runs from 0 to 1: pair 0 keeps its frequency, pairs 1..7 are divided by 4 (interpolated)
+        scale = 0.1 * math.log(4) + 1
+        assert cos[0, 0].item() == pytest.approx(scale, rel=1e-6)
+        w_yarn = torch.cat([w[:1], w[1:] / 4])
+        assert torch.allclose(sin.double() / scale, torch.sin(p * w_yarn), atol=1e-4)
+        assert torch.allclose(cos.double() / scale, torch.cos(p * w_yarn), atol=1e-4)
+
+
+def test_tapa_finetune_changes_only_the_context(tmp_path, pretrained):
+    out = str(tmp_path / 'ft')
+    finetune_long.finetune({'init_dir': pretrained['tapa'], 'out_dir': out, 'factor': 2, **FT})
+    args = load(out)['model_args']
+    before = load(pretrained['tapa'])['model_args']
+    assert args['block_size'] == 32
+    assert {k: v for k, v in args.items() if k != 'block_size'} == {k: v for k, v in before.items() if k != 'block_size'}
+    assert args['rope_scaling'] is None and args['rope_original_block_size'] is None
+
+
+def test_default_out_dir_names_the_method(tmp_path, pretrained):
+    import shutil
+    src = str(tmp_path / 'out-rope')
+    shutil.copytree(pretrained['rope'], src)
+    finetune_long.finetune({'init_dir': src, 'rope_scaling': 'yarn', **FT})
+    assert load(src + '-ft4x-yarn')['model_args']['rope_scaling'] == 'yarn'
+
+
+# ---------------------------------------------------------------------------
+# the evaluation scripts (and sample.py, through model_from_checkpoint) apply it
+
+
+def test_eval_ppl_applies_the_recorded_extension(tmp_path, pretrained, data_dir):
+    out = str(tmp_path / 'ft')
+    finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': out, 'rope_scaling': 'yarn', **FT})
+    # a model this briefly trained barely uses position: sharpen its attention (q, k, v weights x 10)
+    # so that the RoPE angles change the loss visibly (any weights serve to check how it is loaded)
+    ckpt = load(out)
+    ckpt['model'] = {k: v * 10 if k.endswith('c_attn.weight') else v for k, v in ckpt['model'].items()}
+    torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
+    config = {**eval_ppl.default_config(), 'ckpt': out, 'lengths': '64', 'stride': 64, 'max_docs': 1,
+              'max_tokens_per_length': 64, 'quiet': True, 'out': str(tmp_path / 'ppl')}
+    results = eval_ppl.evaluate(config, log=lambda *a: None)
+    entry = results['models'][0]
+    assert entry['model_args']['rope_scaling'] == 'yarn' and entry['model_args']['rope_factor'] == 4.0
+    assert entry['trained_block_size'] == 64
+    # one window of the first validation document's first 64 predictions, computed directly
+    tokens = np.fromfile(os.path.join(data_dir, 'validation.bin'), dtype=np.uint16)[:65].astype(np.int64)
+    x, y = torch.from_numpy(tokens[:-1])[None], torch.from_numpy(tokens[1:])
+
+    def loss_with(**cfg_changes):
+        model = GPT(GPTConfig(**{**ckpt['model_args'], **cfg_changes}))
+        model.load_state_dict(ckpt['model'])
+        with torch.no_grad():
+            return F.cross_entropy(model(x, y)[0][0], y).item()
+    assert entry['results']['64']['tokens'] == 64
+    assert entry['results']['64']['loss'] == pytest.approx(loss_with(), rel=1e-5)
+    assert abs(loss_with(rope_scaling=None) - loss_with()) > 1e-3  # so the match above is not trivial
+    # what sample.py and eval_passkey.py load (train.model_from_checkpoint, eval_ppl.load_models)
+    assert train.model_from_checkpoint(ckpt).config.rope_scaling == 'yarn'
+    assert eval_ppl.load_models([os.path.join(out, 'ckpt.pt')], config, log=lambda *a: None)[0]['model'].config.rope_original_block_size == 16
+
+
+# ---------------------------------------------------------------------------
+# learned position embeddings
+
+
+def test_learned_needs_interpolation(tmp_path, pretrained):
+    out = tmp_path / 'ft'
+    with pytest.raises(ConfigError, match='interpolate_learned=True'):
+        finetune_long.finetune({'init_dir': pretrained['learned'], 'out_dir': str(out), **FT})
+    assert not out.exists()  # refused before writing anything
+
+
+def test_learned_interpolation_stretches_the_table(tmp_path, pretrained):
+    out = str(tmp_path / 'ft')
+    finetune_long.finetune({'init_dir': pretrained['learned'], 'out_dir': out, 'interpolate_learned': True,
+                            **FT, 'learning_rate': 0.0, 'min_lr': 0.0})  # steps that change nothing
+    old = load(pretrained['learned'])['model']['transformer.wpe.weight']
+    new = load(out)['model']['transformer.wpe.weight']
+    assert new.shape == (64, 32) and load(out)['model_args']['block_size'] == 64
+    # linear, ends aligned: new position j sits at old position j * 15 / 63; j = 21 -> 5, j = 42 -> 10
+    for j, i in ((0, 0), (21, 5), (42, 10), (63, 15)):
+        assert torch.allclose(new[j], old[i], atol=1e-6)
+    assert torch.allclose(new[1], old[0] + (old[1] - old[0]) * 15 / 63, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# bad input, resume, the command line
+
+
+def test_bad_input(tmp_path, pretrained):
+    with pytest.raises(ConfigError, match='RoPE models only'):
+        finetune_long.finetune({'init_dir': pretrained['tapa'], 'out_dir': str(tmp_path / 'a'), 'rope_scaling': 'yarn'})
+    with pytest.raises(ConfigError, match='holds the pretrained checkpoint'):
+        finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': pretrained['rope'], **FT})
+    with pytest.raises(ConfigError, match='--factor'):
+        finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': str(tmp_path / 'b'), 'block_size': 64})
+    with pytest.raises(ConfigError, match='--init_dir'):
+        finetune_long.finetune({'out_dir': str(tmp_path / 'c')})
+    with pytest.raises(ConfigError, match='no pretrained checkpoint'):
+        finetune_long.finetune({'init_dir': str(tmp_path / 'nothing')})
+    with pytest.raises(ConfigError, match='n_layer'):  # the architecture is the pretrained model's
+        finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': str(tmp_path / 'd'), 'n_layer': 3, **FT})
+
+
+def test_resume_continues_exactly(tmp_path, pretrained):
+    """4 steps in one go == 2 steps, stop, resume (same command + --init_from=resume) to 4."""
+    settings = {'init_dir': pretrained['rope'], 'rope_scaling': 'pi', 'max_iters': 4, 'lr_decay_iters': 4,
+                'warmup_iters': 1, 'eval_interval': 2, 'eval_iters': 2}
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    finetune_long.finetune({**settings, 'out_dir': whole})
+    finetune_long.finetune({**settings, 'out_dir': parts, 'max_iters': 2})
+    torch.manual_seed(123)  # the resume must not depend on the state it finds
+    with pytest.raises(ConfigError, match='factor'):
+        finetune_long.finetune({**settings, 'out_dir': parts, 'init_from': 'resume', 'factor': 8})
+    finetune_long.finetune({**settings, 'out_dir': parts, 'init_from': 'resume'})
+    a, b = load(whole), load(parts)
+    assert a['iter_num'] == b['iter_num'] == 4
+    assert b['model_args'] == a['model_args'] and b['model_args']['rope_scaling'] == 'pi'
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+    def losses(d):
+        with open(os.path.join(d, 'log.jsonl')) as f:
+            return [(r['iter'], r.get('loss'), r.get('val_loss')) for r in map(json.loads, f)]
+    assert losses(parts) == losses(whole)
+
+
+def test_command_line_with_config_file(tmp_path, pretrained, capsys, monkeypatch):
+    """`python finetune_long.py configs/finetune/tiny.py --k=v` (run as __main__ in this process)."""
+    out = str(tmp_path / 'ft')
+    argv = ['finetune_long.py', os.path.join(REPO, 'configs', 'finetune', 'tiny.py'), f'--init_dir={pretrained["rope"]}',
+            f'--out_dir={out}', '--rope_scaling=yarn', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+            '--warmup_iters=1', '--factor=2']
+    monkeypatch.setattr(sys, 'argv', argv)
+    runpy.run_path(os.path.join(REPO, 'finetune_long.py'), run_name='__main__')
+    ckpt = load(out)
+    assert ckpt['config']['eval_interval'] == 2 and ckpt['config']['weight_decay'] == 0.0  # file, then --k=v
+    assert (ckpt['model_args']['block_size'], ckpt['model_args']['rope_factor']) == (32, 2.0)
+    monkeypatch.setattr(sys, 'argv', ['finetune_long.py', f'--init_dir={pretrained["learned"]}', f'--out_dir={out}2'])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, 'finetune_long.py'), run_name='__main__')
+    assert 'interpolate_learned=True' in str(e.value.code) and str(e.value.code).startswith('error:')
+
+
+# ---------------------------------------------------------------------------
+# the whole experiment, with tiny settings
+
+
+def test_paper_in_miniature_quick(tmp_path):
+    data = make_data(tmp_path / 'data' / 'pg19' / 'byte', n_docs=(6, 3), doc_len=1500)
+    out = tmp_path / 'miniature'
+    cwd = os.getcwd()
+    summary = paper_in_miniature.main(['--quick', f'--out={out}', f'--data_dir={data}'])
+    assert os.getcwd() == cwd
+    Ls = [128, 256, 512]
+    assert summary['lengths'] == Ls
+    rows = summary['perplexity']
+    labels = [r['label'] for r in rows]
+    assert labels == ['TAPA', 'RoPE', 'ALiBi', 'NoPE', 'RoPE + YaRN x4 (inference only)',
+                      'RoPE + dynamic NTK (inference only)', 'TAPA (ft 512)', 'RoPE + PI x4 (ft 512)',
+                      'RoPE + YaRN x4 (ft 512)', 'RoPE + ABF base 500000 (ft 512)']
+    for r in rows:  # a nearly untrained byte model: perplexity near 256 (uniform), finite everywhere
+        assert all(1 < r['ppl'][L] < 1000 for L in Ls), r
+    assert [r['trained'] for r in rows] == [128] * 6 + [512] * 4
+    # the fine-tuned checkpoints carry their extensions
+    ft = lambda n: load(out / 'ckpt' / n)['model_args']  # noqa: E731
+    assert (ft('rope-ft4x-pi')['rope_scaling'], ft('rope-ft4x-pi')['rope_factor']) == ('pi', 4.0)
+    assert ft('rope-ft4x-yarn')['rope_scaling'] == 'yarn' and ft('rope-ft4x-abf')['rope_base'] == 5e5
+    assert ft('tapa-ft4x')['block_size'] == 512 and ft('tapa-ft4x')['pos_encoding'] == 'tapa'
+    md = (out / 'results.md').read_text()
+    for needle in ('## Zero-shot (trained at 128)', '## Fine-tuned to 4x (512)', 'RoPE + PI x4 (ft 512)',
+                   '| model | trained at | 128 | 256 | 512 |', 'Passkey', 'Wall time', 'logical CPUs'):
+        assert needle in md, needle
+    with open(out / 'results.csv') as f:
+        assert len(f.read().strip().splitlines()) == 1 + len(rows) * len(Ls)
+    assert json.loads((out / 'results.json').read_text())['hardware']['logical_cpus'] == os.cpu_count()
+    commands = (out / 'commands.sh').read_text()
+    assert commands.count('python train.py configs/tiny_') == 4 and commands.count('python finetune_long.py') == 4
+    assert (out / 'eval' / 'passkey.json').exists() and (out / 'eval' / 'finetuned.md').exists()
+    if HAS_MATPLOTLIB:
+        assert (out / 'ppl.png').stat().st_size > 10000

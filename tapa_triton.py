@@ -26,13 +26,15 @@ Here each (BLOCK_M x BLOCK_N) tile of scores lives only in registers:
             block accumulates dQ over the key blocks. No atomics, so results are deterministic.
 
 Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k product (d_A + d_P = D),
-so the matrix-multiply work is that of FlashAttention; on top of it each score needs a log2 and an
-exp2 (for |m-n|^alpha), a cos (and a sin in the backward) -- elementwise work FlashAttention does not
-have. Tile sizes below are reasonable starting points, not tuned measurements.
+so the matrix-multiply work is that of FlashAttention (a bit more when d_A or d_P is not a power of
+two: each part is zero-padded to one, e.g. 48 -> 64). On top of it each score needs a log2 and an exp2
+(for |m-n|^alpha) and a cos (and a sin in the backward), elementwise work FlashAttention does not
+have; that work, not the matmuls, is likely what bounds this kernel. Tile sizes are reasonable
+starting points (checked for register spills), not timed.
 
 Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
-TRITON_INTERPRET=1 is set *before* triton is imported (slowly; that is what tests/test_tapa_triton.py does).
+TRITON_INTERPRET=1 is set *before* this file is imported (slowly; tests/test_tapa_triton.py does that).
 """
 
 import contextlib
@@ -61,8 +63,9 @@ def is_available():
     return _TRITON_IMPORT_ERROR is None and torch.cuda.is_available()
 
 
-def _interpreting():
-    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+# Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
+# decorators below read the variable, so what counts is its value when this file is imported.
+_INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
 # Constants the kernels read. Triton only lets a kernel read globals wrapped in tl.constexpr.
@@ -96,12 +99,13 @@ def _store_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, 
 
 
 @triton.jit
-def _phase_turns(phi, pos_m, offs_n, alpha):
+def _phase_turns(phi, dist, alpha):
     """The phase of one tile counted in turns, t = |m-n|^alpha * phi (angle = 2*pi*t), plus |m-n|^alpha.
+    dist = m - n, the query position minus the key position, as a tile of the same shape as phi.
 
     |m-n|^alpha = exp2(alpha * log2(m-n)) for m > n, and 0 on the diagonal (|0|^alpha = 0; future
     keys, m < n, are masked by the caller and also get 0 so everything stays finite)."""
-    dist = (pos_m[:, None] - offs_n[None, :]).to(tl.float32)
+    dist = dist.to(tl.float32)
     w = tl.where(dist > 0, tl.exp2(alpha * tl.log2(tl.maximum(dist, 1.0))), 0.0)
     return w * phi, w
 
@@ -172,7 +176,7 @@ def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
     else:          # linear phase: a row sum plus a column sum, no matmul needed
         sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
         phi = sq[:, None] + sk[None, :]
-    turns, w = _phase_turns(phi, pos_m, offs_n, alpha)
+    turns, w = _phase_turns(phi, pos_m[:, None] - offs_n[None, :], alpha)
     cos_a, _ = _cos_sin_2pi(turns)
     s = amp * cos_a
 
@@ -263,29 +267,23 @@ def _tapa_fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _bwd_tile(q_a, q_p, sq, do, lse, delta, pos_m, k_a, k_p, sk, v, offs_n, Tk,
-              alpha, amp_scale, phase_scale, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    """Recompute one (BLOCK_M x BLOCK_N) tile and return its probabilities P and the two gradients
-    w.r.t. the raw dot products: g_amp for q_A.k_A and g_phase for q_P.k_P (or for the linear
-    phase's sums). Identical arithmetic to the forward, so P matches what the forward used."""
-    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC) * amp_scale  # log2 units
-    if QUADRATIC:
-        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
-    else:
-        phi = sq[:, None] + sk[None, :]
-    turns, w = _phase_turns(phi, pos_m, offs_n, alpha)
+def _bwd_elementwise(amp, phi, dist, keep, lse, delta, dp, alpha, amp_scale, phase_scale,
+                     CAUSAL_MASK: tl.constexpr):
+    """The elementwise heart of the backward, for one recomputed tile in either orientation
+    (queries x keys in the dQ kernel, keys x queries in the dK/dV kernel; lse and delta come in
+    broadcast to the tile). Inputs: amp = q_A.k_A * log2(e)/sqrt(d_A) and phi, exactly as in the
+    forward, so P below matches the probabilities the forward used; dp = dO.v.
+    Returns P and the gradients w.r.t. the two raw dot products: g_amp for q_A.k_A, g_phase for
+    q_P.k_P (or, linear phase, for the sums of q_P and of k_P)."""
+    turns, w = _phase_turns(phi, dist, alpha)
     cos_a, sin_a = _cos_sin_2pi(turns)
     s = amp * cos_a
     if CAUSAL_MASK:
-        keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
         s = tl.where(keep, s, float('-inf'))
-    p = tl.exp2(s - lse[:, None])  # masked entries: exp2(-inf) = 0, so their dS is 0 below
-
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
-    # amp_scale = log2(e)/sqrt(d_A): undo the log2(e) (times ln 2) to get back 1/sqrt(d_A), and to
-    # turn `amp` back into the natural amplitude A.
+    p = tl.exp2(s - lse)  # masked entries: exp2(-inf) = 0, so their dS is 0 below
+    ds = p * (dp - delta)
+    # amp_scale = log2(e)/sqrt(d_A): times ln 2 gives back 1/sqrt(d_A), and turns `amp` back into
+    # the natural amplitude A
     g_amp = ds * cos_a * amp_scale * LN2
     g_phase = -ds * amp * LN2 * sin_a * w * TWO_PI * phase_scale
     return p, g_amp, g_phase
@@ -298,26 +296,37 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
                BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
-    """Add the contribution of the query block [start_m, start_m + BLOCK_M) to one key block's dK, dV."""
+    """Add the contribution of the query block [start_m, start_m + BLOCK_M) to one key block's dK, dV.
+    The tile is built transposed, keys x queries (as in the Triton fused-attention tutorial), so
+    that dV += P^T dO and dK += dS^T q are plain matmuls of the tile, with no transpose of it."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    pos_m = offs_m + shift
     q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
     q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
-    sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
     do = _load_rows(DO_base, offs_m, Tq, stride_dot, 0, BLOCK_D, D)
     lse = tl.load(LSE_base + offs_m, mask=offs_m < Tq, other=0.0)
     delta = tl.load(DELTA_base + offs_m, mask=offs_m < Tq, other=0.0)
-    p, g_amp, g_phase = _bwd_tile(q_a, q_p, sq, do, lse, delta, pos_m, k_a, k_p, sk, v, offs_n, Tk,
-                                  alpha, amp_scale, phase_scale, QUADRATIC, CAUSAL_MASK, DOT_PREC)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
-    dk_a += tl.dot(tl.trans(g_amp).to(q_a.dtype), q_a, input_precision=DOT_PREC)
+
+    amp_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PREC) * amp_scale
+    if QUADRATIC:
+        phi_t = tl.dot(k_p, tl.trans(q_p), input_precision=DOT_PREC) * phase_scale
+    else:
+        sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
+        phi_t = sk[:, None] + sq[None, :]
+    pos_m = offs_m + shift
+    dist_t = pos_m[None, :] - offs_n[:, None]
+    keep_t = (offs_n[:, None] <= pos_m[None, :]) & (offs_n[:, None] < Tk)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    p_t, g_amp_t, g_phase_t = _bwd_elementwise(amp_t, phi_t, dist_t, keep_t, lse[None, :], delta[None, :],
+                                               dp_t, alpha, amp_scale, phase_scale, CAUSAL_MASK)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dk_a += tl.dot(g_amp_t.to(q_a.dtype), q_a, input_precision=DOT_PREC)
     if QUADRATIC:
         if PHASE_GRAD_F32:  # see _launch_config: float16 cannot hold large phase gradients
-            dk_p += tl.dot(tl.trans(g_phase), q_p.to(tl.float32), input_precision=DOT_PREC)
+            dk_p += tl.dot(g_phase_t, q_p.to(tl.float32), input_precision=DOT_PREC)
         else:
-            dk_p += tl.dot(tl.trans(g_phase).to(q_p.dtype), q_p, input_precision=DOT_PREC)
+            dk_p += tl.dot(g_phase_t.to(q_p.dtype), q_p, input_precision=DOT_PREC)
     else:
-        dsk += tl.sum(g_phase, axis=0)
+        dsk += tl.sum(g_phase_t, axis=1)
     return dk_a, dk_p, dsk, dv
 
 
@@ -398,9 +407,16 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
     k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
     k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
     v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
-    sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
-    p, g_amp, g_phase = _bwd_tile(q_a, q_p, sq, do, lse, delta, pos_m, k_a, k_p, sk, v, offs_n, Tk,
-                                  alpha, amp_scale, phase_scale, QUADRATIC, CAUSAL_MASK, DOT_PREC)
+    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC) * amp_scale
+    if QUADRATIC:
+        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
+    else:
+        sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
+        phi = sq[:, None] + sk[None, :]
+    keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    p, g_amp, g_phase = _bwd_elementwise(amp, phi, pos_m[:, None] - offs_n[None, :], keep, lse[:, None],
+                                         delta[:, None], dp, alpha, amp_scale, phase_scale, CAUSAL_MASK)
     dq_a += tl.dot(g_amp.to(k_a.dtype), k_a, input_precision=DOT_PREC)
     if QUADRATIC:
         if PHASE_GRAD_F32:
@@ -482,35 +498,40 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
     cfg = dict(
         D_A=d_amp, D_P=D - d_amp, D=D,
         BLOCK_DA=_pow2(d_amp), BLOCK_DP=_pow2(D - d_amp), BLOCK_D=_pow2(D),
-        # float32 inputs: do the matmuls in true float32 ("ieee"), not TF32. The phase angle
-        # multiplies the q_P.k_P error by 2*pi*|m-n|^alpha, and TF32's 10-bit mantissa is too coarse
-        # for a reference-quality float32 path. Otherwise None = the backend's default, which only
-        # matters for the float32 phase-gradient matmuls of float16 inputs (TF32 on NVIDIA).
-        DOT_PREC='ieee' if dtype == torch.float32 else None,
+        # float32 inputs: float32-accurate matmuls, not plain TF32 -- the phase angle multiplies the
+        # q_P.k_P error by 2*pi*|m-n|^alpha, and TF32's 10-bit mantissa is too coarse for that.
+        # "tf32x3" (three TF32 tensor-core passes, float32 accuracy) on the GPU, "ieee" in the
+        # interpreter. Otherwise None = the backend's default, which only matters for the float32
+        # phase-gradient matmuls of float16 inputs (TF32 on NVIDIA).
+        DOT_PREC=('ieee' if _INTERPRETED else 'tf32x3') if dtype == torch.float32 else None,
         # float16 inputs: the phase gradient carries a factor 2*pi*|m-n|^alpha * A that can exceed
         # float16's range (65504) at long distances, so those two backward matmuls take float32
         # operands (TF32 on the tensor cores: float16's precision, float32's range). bfloat16 already
         # has float32's range.
         PHASE_GRAD_F32=(dtype == torch.float16),
     )
-    # Tile sizes (BLOCK_M query rows x BLOCK_N key columns per score tile) and warps per program.
-    # Chosen so that no kernel spills registers: checked by compiling for sm_80, sm_86 and sm_90
-    # and reading ptxas's report (TAPA keeps more tiles alive than FlashAttention: amplitude, phase,
-    # cos, and in the backward sin and two gradients). Starting points, to be timed on the target GPU.
-    #   forward   one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
-    #   dK/dV     one program per BLOCK_N keys, streaming queries BLOCK_M at a time.
+    # Tile sizes (BLOCK_M query rows x BLOCK_N key columns per score tile) and warps per program:
+    #   forward   one program per BLOCK_M queries, streaming keys BLOCK_N at a time;
+    #   dK/dV     one program per BLOCK_N keys, streaming queries BLOCK_M at a time;
     #   dQ        one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
-    # The block a program keeps is the larger one: it is reused across the whole sweep.
-    wide = cfg['BLOCK_D'] > 64
-    f32 = dtype == torch.float32  # twice the bytes per tile: smaller tiles to fit shared memory
-    tiles = dict(fwd=(32 if f32 and wide else 64, 64, 8 if wide else 4),
-                 dkdv=(16 if f32 and wide else 32, 64 if not (f32 and wide) else 32, 8),
-                 dq=(64 if not (f32 and wide) else 32, 32, 4))
+    # The block a program keeps is the larger one: it is reused across the whole sweep. TAPA keeps
+    # more tiles alive than FlashAttention (amplitude, phase, distance weight, cos, and in the
+    # backward sin and two gradients), so the tiles are smaller than FlashAttention's. These were
+    # picked by compiling for sm_80/86/90 and reading ptxas's register and spill report (none, or a
+    # few bytes), not by timing: a starting point, to be tuned on the target GPU.
+    wide = cfg['BLOCK_D']
+    if dtype != torch.float32:  # (BLOCK_M, BLOCK_N, num_warps)
+        tiles = {64: dict(fwd=(64, 64, 4), dkdv=(32, 64, 8), dq=(64, 32, 4)),
+                 128: dict(fwd=(64, 64, 8), dkdv=(32, 32, 4), dq=(64, 32, 8)),
+                 256: dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))}[max(64, wide)]
+    else:  # float32 tiles take twice the registers and shared memory, and the 3-pass TF32 matmuls more
+        tiles = dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4)) if wide <= 64 else \
+            dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(32, 16, 8))
     launch = {}
     for name, (bm, bn, nw) in tiles.items():
         launch[name] = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn,
                             num_warps=num_warps or nw, num_stages=num_stages or 2)
-        if _interpreting():  # the interpreter ignores these (and warns about some)
+        if _INTERPRETED:  # the interpreter ignores these (and warns about some)
             launch[name].pop('num_warps'), launch[name].pop('num_stages')
     return cfg, launch
 
@@ -623,13 +644,16 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *,
     if not (q.device == k.device == v.device):
         raise ValueError(f"tapa_attention_triton: q, k, v are on different devices "
                          f"({q.device}, {k.device}, {v.device})")
-    if not q.is_cuda and not _interpreting():
-        raise ValueError(f"tapa_attention_triton: tensors are on {q.device}, but the fused kernel runs on "
-                         f"CUDA GPUs only (set TRITON_INTERPRET=1 before importing triton to run it, slowly, "
-                         f"on CPU; or use attn_impl='chunked')")
     for bs in (block_m, block_n):
         if bs is not None and (bs < 16 or bs & (bs - 1)):
             raise ValueError(f"tapa_attention_triton: block sizes must be powers of two >= 16, got {bs}")
+    if not q.is_cuda and not _INTERPRETED:
+        raise ValueError(f"tapa_attention_triton: tensors are on {q.device}, but the fused kernel runs on "
+                         f"CUDA GPUs only (to run it slowly on CPU, set TRITON_INTERPRET=1 before importing "
+                         f"tapa_triton; or use attn_impl='chunked')")
+    if q.is_cuda and _INTERPRETED:
+        raise ValueError("tapa_attention_triton: TRITON_INTERPRET=1 was set when tapa_triton was imported, "
+                         "so the kernels run in Triton's CPU interpreter; pass CPU tensors, or unset it")
     # the kernels want unit stride along the head dim (any other layout is fine)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages)

@@ -1,0 +1,227 @@
+"""Checks of tapa_triton.py, the fused Triton kernel, against model.py's materialized TAPA attention
+(impl='naive', itself checked against a per-pair loop in test_model.py): outputs and the gradients of
+q, k and v, computed by the reference in float64.
+
+No GPU is needed: Triton's interpreter runs the kernels on CPU tensors (slowly, hence the small sizes;
+block sizes of 16 and 32 make even these short sequences span several tiles, with partial tiles at
+the ends). The interpreter is switched on by the environment variable TRITON_INTERPRET=1, and it is
+read when the kernels are defined, i.e. when tapa_triton is first imported. Inside a pytest run some
+other test may already have imported it (or triton) without the variable, so the comparisons run in a
+fresh Python process that sets it first: this file is also that process's script
+(`python tests/test_tapa_triton.py --worker` prints the errors of every case as JSON).
+
+The checks of bad input run in the pytest process itself: they fail before any kernel is launched.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed (pip install triton): the fused kernel and the CPU "
+                           "interpreter these tests run it with both come from it")
+
+# Each case: shapes, TAPA settings, dtype, block sizes for the kernel (None = the GPU defaults),
+# and layout 'bhtd' (contiguous) or 'bthd' (q, k, v, dO as transposed views, as model.py makes them).
+CASES = {
+    'quadratic_D32':         dict(B=1, H=2, Tq=37, Tk=37, D=32, theta=0.5, phase='quadratic', alpha=0.5),
+    'linear_D32':            dict(B=1, H=1, Tq=37, Tk=37, D=32, theta=0.5, phase='linear', alpha=0.5),
+    'quadratic_D48_Tq<Tk':   dict(B=1, H=2, Tq=19, Tk=45, D=48, theta=0.5, phase='quadratic', alpha=0.5,
+                                  block_m=16, block_n=32),
+    'linear_D48_Tq<Tk':      dict(B=1, H=2, Tq=19, Tk=45, D=48, theta=0.5, phase='linear', alpha=0.5,
+                                  block_m=32, block_n=16),
+    'quadratic_D32_theta.25': dict(B=1, H=2, Tq=33, Tk=33, D=32, theta=0.25, phase='quadratic', alpha=1.0),
+    'linear_D96_theta.25':   dict(B=1, H=1, Tq=29, Tk=35, D=96, theta=0.25, phase='linear', alpha=0.3),
+    'quadratic_D96_decode':  dict(B=2, H=1, Tq=1, Tk=40, D=96, theta=0.5, phase='quadratic', alpha=0.5),
+    'quadratic_D64_default_tiles': dict(B=1, H=1, Tq=100, Tk=100, D=64, theta=0.5, phase='quadratic',
+                                        alpha=0.1, block_m=None, block_n=None),
+    'quadratic_D32_strided': dict(B=2, H=2, Tq=13, Tk=22, D=32, theta=0.5, phase='quadratic', alpha=0.5,
+                                  layout='bthd'),
+    'quadratic_D32_fp16':    dict(B=1, H=1, Tq=37, Tk=37, D=32, theta=0.5, phase='quadratic', alpha=0.5,
+                                  dtype='float16'),
+    'linear_D32_fp16_default_tiles': dict(B=1, H=1, Tq=50, Tk=90, D=32, theta=0.5, phase='linear',
+                                          alpha=0.5, dtype='float16', block_m=None, block_n=None),
+}
+# Largest error allowed, relative to the largest magnitude of the float64 reference. float32 matches
+# it to ~3e-5 (as does model.py's own float32 path), float16 inputs to ~5e-4 (probabilities and
+# gradients pass through float16 matmuls); a wrong mask, tile bound or gradient term is off by far more.
+# (bfloat16 is not checked here: the interpreter's bfloat16 tl.dot is broken in triton 3.x.)
+TOL = {'float32': 1e-4, 'float16': 5e-3}
+
+
+def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, block_n=16, layout='bhtd'):
+    """Worker side: the kernel's output and gradients against the float64 reference, as relative errors."""
+    import torch
+    from model import tapa_attention
+    from tapa_triton import tapa_attention_triton
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(1234)
+
+    def make(T):  # (B, H, T, D) values, as a view of a (B, T, H, D) tensor for the strided layout
+        if layout == 'bthd':
+            return torch.randn(B, T, H, D, generator=g).to(dt).transpose(1, 2)
+        return torch.randn(B, H, T, D, generator=g).to(dt)
+    q, k, v, do = make(Tq), make(Tk), make(Tk), make(Tq)
+
+    def outputs(fn, *tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(do.to(out.dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase,
+                                                        block_m=block_m, block_n=block_n), q, k, v)
+    ref = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
+                  q.double(), k.double(), v.double())
+    errors = {}
+    for name, a, r in zip(('out', 'dq', 'dk', 'dv'), got, ref):
+        errors[name] = float((a - r).abs().max() / r.abs().max().clamp(min=1e-12))
+        errors[name + '_finite'] = bool(torch.isfinite(a).all())
+    return errors
+
+
+def trig_errors():
+    """Worker side: the kernels' own cos/sin of 2*pi*t (a range reduction and Taylor series) against
+    float64, for phases from a fraction of a turn to ten thousand turns."""
+    import math
+    import torch
+    errors = {}
+    for scale in (1.0, 1e4):
+        t = ((torch.rand(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1) * scale).float()
+        c, s = torch.empty_like(t), torch.empty_like(t)
+        cos_sin_kernel[(1,)](t, c, s, N=t.numel())
+        angle = 2 * math.pi * t.double()
+        errors[f'cos_{scale:g}'] = float((c.double() - torch.cos(angle)).abs().max())
+        errors[f'sin_{scale:g}'] = float((s.double() - torch.sin(angle)).abs().max())
+    return errors
+
+
+def worker():
+    import time
+    import torch
+    torch.set_num_threads(1)
+    results = {'trig': trig_errors()}
+    for name, case in CASES.items():
+        t0 = time.time()
+        results[name] = run_case(**case)
+        results[name]['seconds'] = round(time.time() - t0, 2)
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    """Run every case once, in a subprocess with the Triton interpreter on."""
+    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize('name', list(CASES))
+def test_matches_reference(interpreted, name):
+    errors = interpreted[name]
+    tol = TOL[CASES[name].get('dtype', 'float32')]
+    for key in ('out', 'dq', 'dk', 'dv'):
+        assert errors[key + '_finite'], f"{name}: {key} has inf/nan"
+        assert errors[key] < tol, f"{name}: {key} relative error {errors[key]:.2e} > {tol:.0e} ({errors})"
+
+
+@needs_triton
+def test_cos_sin_of_turns(interpreted):
+    """cos/sin inside the kernels: float32-accurate (~2e-7) however many turns the phase makes. (A
+    plain float32 cos(2*pi*t) is off by ~4e-3 at 10^4 turns; here only t's own rounding remains.)"""
+    for key, err in interpreted['trig'].items():
+        assert err < 1e-6, f"{key}: error {err:.2e}"
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one clear error each, before any kernel runs
+
+
+@pytest.fixture
+def tt(monkeypatch):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install triton)")
+    sys.path.insert(0, ROOT)
+    import tapa_triton
+    monkeypatch.setattr(tapa_triton, '_INTERPRETED', False)  # as on a GPU machine: CPU tensors are refused
+    return tapa_triton
+
+
+def qkv(B=1, H=2, Tq=8, Tk=8, D=32, dtype=None, device='cpu'):
+    import torch
+    dtype = dtype or torch.float32
+    return (torch.randn(B, H, Tq, D, dtype=dtype, device=device),
+            torch.randn(B, H, Tk, D, dtype=dtype, device=device),
+            torch.randn(B, H, Tk, D, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize('kwargs, args, error, match', [
+    (dict(D=8), (0.1, 0.5), ValueError, 'head dim 8 is outside the supported 16..256'),
+    (dict(D=272), (0.1, 0.5), ValueError, 'head dim 272 is outside'),
+    (dict(D=32), (0.1, 0.3), ValueError, 'theta=0.3 with head dim 32 gives an amplitude part of 9.6'),
+    (dict(D=32), (0.1, 1.0), ValueError, 'both must be positive whole numbers'),
+    (dict(Tq=9, Tk=8), (0.1, 0.5), ValueError, '9 queries but only 8 keys'),
+    (dict(), (0.0, 0.5), ValueError, 'alpha=0.0 must be a finite number > 0'),
+    (dict(), (0.1, 0.5, 'cubic'), ValueError, "phase='cubic' must be 'quadratic' or 'linear'"),
+    (dict(dtype='float64'), (0.1, 0.5), TypeError, 'float64: use attn_impl'),
+    (dict(), (0.1, 0.5), ValueError, 'runs on CUDA GPUs only'),
+])
+def test_bad_input_errors(tt, kwargs, args, error, match):
+    import torch
+    if kwargs.get('dtype'):
+        kwargs = dict(kwargs, dtype=getattr(torch, kwargs['dtype']))
+    with pytest.raises(error, match=match.replace('(', r'\(').replace(')', r'\)').replace('.', r'\.')):
+        tt.tapa_attention_triton(*qkv(**kwargs), *args)
+
+
+def test_bad_block_size_and_shapes(tt):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match='powers of two >= 16'):
+        tt.tapa_attention_triton(q, k, v, 0.1, 0.5, block_m=24)
+    with pytest.raises(ValueError, match='must be 4-D'):
+        tt.tapa_attention_triton(q[0], k[0], v[0], 0.1, 0.5)
+    with pytest.raises(ValueError, match='matching q'):
+        tt.tapa_attention_triton(q, k[:, :1], v[:, :1], 0.1, 0.5)
+
+
+def test_is_available_matches_the_machine(tt):
+    import torch
+    assert tt.is_available() == torch.cuda.is_available()
+
+
+def test_without_triton(monkeypatch):
+    """tapa_triton must import without Triton (model.py asks it is_available()), then say what is missing."""
+    monkeypatch.setitem(sys.modules, 'triton', None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, 'triton.language', None)
+    spec = importlib.util.spec_from_file_location('tapa_triton_without_triton', os.path.join(ROOT, 'tapa_triton.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.is_available() is False
+    with pytest.raises(RuntimeError, match='needs Triton'):
+        module.tapa_attention_triton(*qkv(), 0.1, 0.5)
+
+
+if __name__ == '__main__' and '--worker' in sys.argv:
+    os.environ['TRITON_INTERPRET'] = '1'  # before tapa_triton (or triton) is imported
+    sys.path.insert(0, ROOT)
+    import triton
+    import triton.language as tl
+    import tapa_triton
+
+    @triton.jit
+    def cos_sin_kernel(T, C, S, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        c, s = tapa_triton._cos_sin_2pi(tl.load(T + offs))
+        tl.store(C + offs, c)
+        tl.store(S + offs, s)
+
+    worker()

@@ -271,7 +271,7 @@ def _bwd_elementwise(amp, phi, dist, keep, lse, delta, dp, alpha, amp_scale, pha
                      CAUSAL_MASK: tl.constexpr):
     """The elementwise heart of the backward, for one recomputed tile in either orientation
     (queries x keys in the dQ kernel, keys x queries in the dK/dV kernel; lse and delta come in
-    broadcast to the tile). Inputs: amp = q_A.k_A * log2(e)/sqrt(d_A) and phi, exactly as in the
+    broadcast to the tile). Inputs: amp = q_A.k_A * log2(e)/sqrt(d_A) and phi, computed as in the
     forward, so P below matches the probabilities the forward used; dp = dO.v.
     Returns P and the gradients w.r.t. the two raw dot products: g_amp for q_A.k_A, g_phase for
     q_P.k_P (or, linear phase, for the sums of q_P and of k_P)."""
@@ -492,6 +492,29 @@ def _pow2(n):
     return max(16, triton.next_power_of_2(n))
 
 
+def _tile_sizes(dtype, block_d, capability):
+    """(BLOCK_M, BLOCK_N, num_warps) of each kernel: BLOCK_M query rows x BLOCK_N key columns per tile.
+      forward   one program per BLOCK_M queries, streaming keys BLOCK_N at a time;
+      dK/dV     one program per BLOCK_N keys, streaming queries BLOCK_M at a time;
+      dQ        one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
+    The block a program keeps is the larger one: it is reused across the whole sweep. TAPA keeps more
+    tiles alive than FlashAttention (amplitude, phase, distance weight, cos, and in the backward sin
+    and two gradients), so its tiles are smaller. These were picked by compiling for sm_75, sm_80,
+    sm_86 and sm_90 and reading ptxas's register report (no spills, or a few bytes; float32 with
+    wide heads spills ~150 bytes in dQ), not by timing: a starting point, to be tuned on the GPU."""
+    if capability < (8, 0):  # Turing (e.g. T4): fewer registers per tile with its smaller MMA shapes
+        return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
+                dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))
+    if dtype == torch.float32:  # twice the registers and shared memory per tile, 3-pass matmuls
+        return (dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4)) if block_d <= 64 else
+                dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(32, 16, 8)))
+    if block_d <= 64:
+        return dict(fwd=(64, 64, 4), dkdv=(32, 64, 8), dq=(64, 32, 4))
+    if block_d <= 128:
+        return dict(fwd=(64, 64, 8), dkdv=(32, 32, 4), dq=(64, 32, 8))
+    return dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))
+
+
 def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
     D = q.size(-1)
     dtype = q.dtype
@@ -510,23 +533,7 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
         # has float32's range.
         PHASE_GRAD_F32=(dtype == torch.float16),
     )
-    # Tile sizes (BLOCK_M query rows x BLOCK_N key columns per score tile) and warps per program:
-    #   forward   one program per BLOCK_M queries, streaming keys BLOCK_N at a time;
-    #   dK/dV     one program per BLOCK_N keys, streaming queries BLOCK_M at a time;
-    #   dQ        one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
-    # The block a program keeps is the larger one: it is reused across the whole sweep. TAPA keeps
-    # more tiles alive than FlashAttention (amplitude, phase, distance weight, cos, and in the
-    # backward sin and two gradients), so the tiles are smaller than FlashAttention's. These were
-    # picked by compiling for sm_80/86/90 and reading ptxas's register and spill report (none, or a
-    # few bytes), not by timing: a starting point, to be tuned on the target GPU.
-    wide = cfg['BLOCK_D']
-    if dtype != torch.float32:  # (BLOCK_M, BLOCK_N, num_warps)
-        tiles = {64: dict(fwd=(64, 64, 4), dkdv=(32, 64, 8), dq=(64, 32, 4)),
-                 128: dict(fwd=(64, 64, 8), dkdv=(32, 32, 4), dq=(64, 32, 8)),
-                 256: dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))}[max(64, wide)]
-    else:  # float32 tiles take twice the registers and shared memory, and the 3-pass TF32 matmuls more
-        tiles = dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4)) if wide <= 64 else \
-            dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(32, 16, 8))
+    tiles = _tile_sizes(dtype, cfg['BLOCK_D'], torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0))
     launch = {}
     for name, (bm, bn, nw) in tiles.items():
         launch[name] = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn,
@@ -657,4 +664,11 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *,
     # the kernels want unit stride along the head dim (any other layout is fine)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages)
-    return _TapaAttention.apply(q, k, v, float(alpha), d_amp, phase == 'quadratic', cfg, launch)
+    return _apply(q, k, v, float(alpha), d_amp, phase == 'quadratic', cfg, launch)
+
+
+# torch.compile (train.py uses it on CUDA) leaves the kernel call alone and runs it as is: the
+# kernels are already fused, and tracing through the launch code gains nothing but fragility.
+@torch.compiler.disable
+def _apply(q, k, v, alpha, d_amp, quadratic, cfg, launch):
+    return _TapaAttention.apply(q, k, v, alpha, d_amp, quadratic, cfg, launch)

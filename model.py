@@ -511,7 +511,7 @@ def pick_tapa_impl(requested, device, Tq, Tk):
     score matrix is small (up to 128 x 128 per head, or one query against up to 16384 keys when
     decoding with a KV cache), where its few big ops beat the chunked path's Python loop and its
     memory does not matter; the chunked path beyond that, with memory linear in T. (On a 2-core
-    Xeon, forward + backward: naive ~15% faster at T = 128, chunked ~25% faster at T = 256.)"""
+    Xeon, forward + backward: naive 7-15% faster at T = 128, chunked ~25% faster at T = 256.)"""
     if requested != 'auto':
         return requested
     if device.type == 'cuda':

@@ -1,0 +1,63 @@
+"""bench.py: its CPU memory measurement against allocations of known size, the memory cap (a case
+that does not fit is reported, not a crash), and the JSON it writes. No timings are asserted."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')  # as bench.py runs it
+
+
+def run_python(code):
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_cpu_peak_memory_sees_known_allocations():
+    # 64 MiB live, then 32 MiB more on top (peak 96 MiB), then everything freed; and a run that only
+    # ever holds 1 MiB at a time although it allocates 100 MiB in total
+    out = run_python(
+        "import torch, bench\n"
+        "torch.set_num_threads(1)\n"
+        "def peak():\n"
+        "    a = torch.ones(64 << 18)\n"
+        "    b = torch.ones(32 << 18)\n"
+        "    del a, b\n"
+        "def churn():\n"
+        "    for _ in range(100):\n"
+        "        x = torch.ones(1 << 18)\n"
+        "print(bench.cpu_peak_memory(peak, 1 << 30) / 2**20, bench.cpu_peak_memory(churn, 1 << 30) / 2**20)\n")
+    peak_mib, churn_mib = map(float, out.split())
+    assert 94 <= peak_mib <= 100, peak_mib
+    assert churn_mib <= 4, churn_mib
+
+
+def test_case_over_the_memory_cap_is_skipped_not_a_crash(tmp_path):
+    # naive TAPA at T = 4096 with 8 heads materializes ~0.5 GiB per T x T tensor: far above 0.1 GB
+    out = tmp_path / 'b.json'
+    proc = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--what', 'attn', '--lengths', '4096',
+                           '--impls', 'tapa_naive', '--max_mem_gb', '0.1', '--threads', '1', '--out', str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(out.read_text())['results']
+    assert r['status'] == 'skipped' and r['time_ms'] is None
+    assert 'skipped' in proc.stdout
+
+
+def test_small_run_writes_results_and_ratios(tmp_path):
+    out = tmp_path / 'b.json'
+    proc = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--what', 'attn', '--lengths', '64',
+                           '--impls', 'rope_sdpa,tapa_chunked', '--repeats', '2', '--threads', '1',
+                           '--n_head', '2', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data['device_type'] == 'cpu' and 'logical CPUs' in data['device']
+    results = {(r['impl'], r['L']): r for r in data['results']}
+    assert set(results) == {(i, L) for i in ('rope_sdpa', 'tapa_chunked') for L in (64,)}
+    for (impl, L), r in results.items():
+        assert r['status'] == 'ok' and r['time_ms'] > 0 and len(r['wall_ms']) == 2 and r['mem_mb'] >= 0
+        assert abs(r['time_vs_rope_sdpa'] - r['time_ms'] / results[('rope_sdpa', L)]['time_ms']) < 1e-9
+    assert '/ rope_sdpa' in proc.stdout  # the ratio tables are printed

@@ -69,7 +69,7 @@ def print_table(path):
     print('|---|---|' + '---|' * (len(lengths) + 1))
     for r in rows:
         s = r['settings']
-        changed = ' '.join(f'{k}={v}' for k, v in s.items() if k not in ('name', 'results', 'data_dir', 'threads')
+        changed = ' '.join(f'{k}={v}' for k, v in s.items() if k not in ('name', 'results', 'data_dir', 'threads', 'eval_lengths', 'eval_tokens')
                            and v != DEFAULTS[k])
         v = r['val_loss']
         ratio = math.exp(v[lengths[-1]] - v[lengths[0]]) if len(lengths) > 1 else float('nan')

@@ -536,6 +536,9 @@ def pick_tapa_impl(requested, device, Tq, Tk):
 #       the phase comes in after the model has learned local structure; at ramp = 1 it is Eq. 12 again.
 # Both are applied in CausalSelfAttention.attend by scaling q_P (and k_P for the linear phase) before
 # tapa_attention, so every implementation (naive, chunked, Triton) supports them unchanged.
+# Measured on a 4-layer byte model (README.md, "Making TAPA learn at small scale"): scale 0.05 with
+# RoPE's learning rate takes the validation loss from 2.29 to 1.91 and keeps the extrapolation; the
+# warm-up alone helps less (2.09).
 
 
 # -----------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def rms_norm(x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def variant_attend(attn, cfg, s, d_amp, d_phase, H):
+def variant_attend(attn, s, d_amp, d_phase):
     """TAPA's attention (Eq. 12, the naive path) with the experimental variants switched in."""
     def attend(q, k, v, rope):
         Tq, Tk = q.size(2), k.size(2)
@@ -122,7 +122,7 @@ def build(s):
             attn.amp_gain = nn.Parameter(torch.full((H, 1, 1), s['qk_gain_init']))
             attn.phase_gain = nn.Parameter(torch.full((H, 1, 1), s['phase_gain_init']))
             attn.phase_bias = nn.Parameter(torch.linspace(s['phase_bias'] / H, s['phase_bias'], H).view(H, 1, 1))
-            attn.attend = variant_attend(attn, cfg, s, d_amp, d_phase, H)
+            attn.attend = variant_attend(attn, s, d_amp, d_phase)
     # the phase rows of c_attn (q's and k's), for --phase_lr_mult
     phase_rows = torch.tensor([part * cfg.n_embd + h * D + d for part in (0, 1) for h in range(H)
                                for d in range(d_amp, D)], dtype=torch.long)

@@ -1,0 +1,144 @@
+"""The fused kernels of tapa_triton.py compiled for real NVIDIA GPUs, without one.
+
+test_tapa_triton.py checks the kernels' arithmetic in Triton's CPU interpreter. The interpreter runs
+the Python of a kernel with NumPy; it does not go through the GPU compiler, which rejects things the
+interpreter lets pass (a tl.dot of mixed dtypes, a layout it cannot lower, an unsupported precision
+option) and is what actually runs on a GPU. Triton can compile ahead of time for a named target
+(Ampere sm_80, Hopper sm_90) down to the cubin that the driver would load, using the ptxas shipped
+in its wheel; no GPU or driver is involved. So here each kernel (forward, dK/dV, dQ) is compiled in
+float16, bfloat16 and float32, both phase types, with the launch configuration that
+tapa_attention_triton would pick on that GPU, and the test checks that it compiles and that its
+matrix products became tensor-core instructions (mma on Ampere, wgmma or mma on Hopper), not a slow
+scalar fallback.
+
+It runs in a fresh Python process (this file, `--worker`) because the kernels must be defined with
+TRITON_INTERPRET unset, and another test may have imported tapa_triton with it set.
+
+    python tests/test_tapa_triton_compile.py --worker --all   # every head dim and GPU, with ptxas's
+                                                              # register and spill report
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+
+# (capability, dtype, head dim, phase): the test's set (about 3 s per kernel on one core). --all adds
+# head dims 32 and 128, Turing (sm_75) and Ampere consumer cards (sm_86).
+CASES = [((9, 0), 'bfloat16', 64, 'quadratic'), ((9, 0), 'float16', 64, 'quadratic'),
+         ((9, 0), 'float32', 64, 'quadratic'), ((8, 0), 'bfloat16', 128, 'linear')]
+ALL_CASES = [(cap, dtype, D, phase) for cap in ((7, 5), (8, 0), (8, 6), (9, 0))
+             for dtype in ('bfloat16', 'float16', 'float32') for D in (32, 64, 128)
+             for phase in ('quadratic', 'linear') if not (cap == (7, 5) and dtype == 'bfloat16')]
+
+
+def compile_case(cap, dtype_name, D, phase, theta=0.5, report_registers=False):
+    """Worker side: compile the three kernels for GPU `cap`; per kernel, what came out."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import tapa_triton as tt
+
+    dtype = getattr(torch, dtype_name)
+    d_amp, _ = tt.tapa_split(D, theta)
+    # the launch configuration tapa_attention_triton picks, for this GPU instead of the local one
+    cfg, _ = tt._launch_config(torch.empty(1, 1, 1, D, dtype=dtype), d_amp, None, None, None, None)
+    tiles = tt._tile_sizes(dtype, cfg['BLOCK_D'], cap)
+    pointer = {'bfloat16': '*bf16', 'float16': '*fp16', 'float32': '*fp32'}[dtype_name]
+    results = {}
+    for name, kernel in (('fwd', tt._tapa_fwd_kernel), ('dkdv', tt._tapa_bwd_dkdv_kernel), ('dq', tt._tapa_bwd_dq_kernel)):
+        block_m, block_n, num_warps = tiles[name]
+        constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
+        signature, constexprs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constants:
+                signature[arg] = 'constexpr'
+                constexprs[(i,)] = constants[arg]
+            elif arg in ('LSE', 'DELTA'):
+                signature[arg] = '*fp32'
+            elif arg in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV'):  # the tensors in the input dtype
+                signature[arg] = pointer
+            elif arg in ('alpha', 'amp_scale', 'phase_scale'):
+                signature[arg] = 'fp32'
+            else:  # strides, H, Tq, Tk
+                signature[arg] = 'i32'
+        target = GPUTarget('cuda', cap[0] * 10 + cap[1], 32)
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                                  options=dict(num_warps=num_warps, num_stages=2))
+        ptx = compiled.asm['ptx']
+        out = dict(tiles=[block_m, block_n, num_warps], cubin_bytes=len(compiled.asm['cubin']),
+                   shared_bytes=compiled.metadata.shared,
+                   mma=len(re.findall(r'\bmma\.sync', ptx)), wgmma=len(re.findall(r'\bwgmma\.mma_async', ptx)),
+                   fma=len(re.findall(r'\bfma\.rn\.f32', ptx)))
+        if report_registers:
+            out.update(ptxas_report(ptx, cap))
+        results[name] = out
+    return results
+
+
+def ptxas_report(ptx, cap):
+    """Registers per thread and spill bytes, from ptxas -v on the PTX (the ptxas inside Triton's wheel)."""
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, 'k.ptx')
+        open(src, 'w').write(ptx)
+        arch = f'sm_{cap[0]}{cap[1]}' + ('a' if cap == (9, 0) else '')
+        log = subprocess.run([ptxas, '-v', f'--gpu-name={arch}', src, '-o', os.path.join(tmp, 'k.cubin')],
+                             capture_output=True, text=True).stderr
+    registers = re.search(r'Used (\d+) registers', log)
+    spills = re.search(r'(\d+) bytes spill stores', log)
+    return dict(registers=int(registers.group(1)) if registers else None,
+                spill_bytes=int(spills.group(1)) if spills else None)
+
+
+@pytest.fixture(scope='module')
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['OMP_NUM_THREADS'] = '1'
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"compiling the kernels failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f'sm{c[0][0]}{c[0][1]}-{c[1]}-D{c[2]}-{c[3]}')
+def test_kernels_compile_for_gpu(compiled, case):
+    result = compiled[repr(case)]
+    if 'error' in result:
+        pytest.fail(f"{case}: {result['error']}")
+    for kernel, out in result.items():
+        assert out['cubin_bytes'] > 0, f"{case} {kernel}: empty cubin"
+        # every kernel multiplies tiles (QK^T twice, P@V, the gradients): those must be tensor-core
+        # instructions; float32 inputs go through them too, as three TF32 passes (tf32x3)
+        assert out['mma'] + out['wgmma'] > 0, f"{case} {kernel}: no tensor-core instruction in the PTX ({out})"
+
+
+def worker(cases, report_registers):
+    import torch
+    torch.set_num_threads(1)
+    results = {}
+    for case in cases:
+        try:
+            results[repr(case)] = compile_case(*case, report_registers=report_registers)
+        except Exception as e:  # report it per case, so one failure does not hide the others
+            results[repr(case)] = {'error': f'{type(e).__name__}: {e}'[:2000]}
+        print(case, results[repr(case)], file=sys.stderr, flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == '__main__' and '--worker' in sys.argv:
+    os.environ.pop('TRITON_INTERPRET', None)  # before tapa_triton (or triton) is imported
+    sys.path.insert(0, ROOT)
+    everything = '--all' in sys.argv
+    worker(ALL_CASES if everything else CASES, report_registers=everything)

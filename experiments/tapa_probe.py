@@ -40,9 +40,9 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
-from data.common import load_split  # noqa: E402
+from data.common import load_split, read_meta  # noqa: E402
 
-settings = dict(name='run', pe='tapa', alpha=0.1, theta=0.5, phase='quadratic', lr=1e-3, iters=1000,
+settings = dict(name='run', pe='tapa', n_head=4, alpha=0.1, theta=0.5, phase='quadratic', lr=1e-3, iters=1000,
                 warmup=100, batch_size=16, block_size=128, weight_decay=0.1, seed=1337, bias=False,
                 phase_scale=1.0, phase_warmup=0, qk_norm='none', qk_gain_init=4.0, phase_gain_init=0.5,
                 phase_lr_mult=1.0, phase_bias=0.0, eval_lengths='128,256,512,1024', eval_tokens=16384,
@@ -109,7 +109,8 @@ def variant_attend(attn, s, d_amp, d_phase):
 
 
 def build(s):
-    cfg = M.GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=s['block_size'], vocab_size=256, bias=s['bias'],
+    vocab_size = read_meta(s['data_dir'])['vocab_size']  # 256 for bytes, 50257 for GPT-2 BPE
+    cfg = M.GPTConfig(n_layer=4, n_head=s['n_head'], n_embd=128, block_size=s['block_size'], vocab_size=vocab_size, bias=s['bias'],
                       pos_encoding=s['pe'], tapa_alpha=s['alpha'], tapa_theta=s['theta'], tapa_phase=s['phase'],
                       tapa_phase_scale=s['phase_scale'], attn_impl='naive')
     model = M.GPT(cfg)

@@ -87,7 +87,7 @@ def ptxas_report(ptx, cap):
     """Registers per thread and spill bytes, from ptxas -v on the PTX (the ptxas inside Triton's wheel)."""
     import tempfile
     from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas().path
+    ptxas = get_ptxas(cap[0] * 10 + cap[1]).path  # newer GPUs take the newer ptxas in the wheel
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, 'k.ptx')
         open(src, 'w').write(ptx)

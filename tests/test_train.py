@@ -284,7 +284,7 @@ def test_train_defaults_mirror_gptconfig():
 
 def test_every_config_file_loads_and_checks():
     files = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
-    assert len(files) >= 13
+    assert len(files) >= 14
     loaded = {}
     for path in files:
         overrides = get_overrides(train.DEFAULTS, [path], train.OPTIONAL_TYPES)
@@ -306,6 +306,11 @@ def test_every_config_file_loads_and_checks():
     assert len({loaded[f'tiny_{pe}']['out_dir'] for pe in pes}) == 5
     assert len({loaded[f'pg19_gpt2_{pe}']['out_dir'] for pe in pes}) == 5
     assert loaded['pg19_gpt2_tapa']['learning_rate'] < loaded['pg19_gpt2_rope']['learning_rate']
+    # the small-model TAPA settings change only the phase (scale, type) and the learning rate
+    small, linear = loaded['tiny_tapa_small'], loaded['tiny_tapa_small_linear']
+    assert {k for k in small if small[k] != loaded['tiny_tapa'][k]} == {'tapa_phase_scale', 'learning_rate', 'min_lr', 'out_dir'}
+    assert {k for k in linear if linear[k] != small[k]} == {'tapa_phase', 'out_dir'}
+    assert (small['tapa_phase'], linear['tapa_phase']) == ('quadratic', 'linear')
 
 
 # ---------------------------------------------------------------------------

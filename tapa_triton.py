@@ -500,9 +500,11 @@ def _tile_sizes(dtype, block_d, capability):
     The block a program keeps is the larger one: it is reused across the whole sweep. TAPA keeps more
     tiles alive than FlashAttention (amplitude, phase, distance weight, cos, and in the backward sin
     and two gradients), so its tiles are smaller. These were picked by compiling for sm_75, sm_80,
-    sm_86 and sm_90 and reading ptxas's register report (no spills, or a few bytes; float32 with
-    wide heads spills ~150 bytes in dQ), not by timing: a starting point, to be tuned on the GPU."""
-    if capability < (8, 0):  # Turing (e.g. T4): fewer registers per tile with its smaller MMA shapes
+    sm_86 and sm_90 and reading ptxas's register report, not by timing: a starting point, to be tuned
+    on the GPU. (`python tests/test_tapa_triton_compile.py --worker --all` prints that report. With
+    Triton 3.9: no spills on sm_90 in 16-bit at head dim 64, <= 4 bytes at 128; up to 96 bytes in the
+    backward at head dim 128 on sm_80/86; float32 with head dim 128 up to ~180 bytes in dQ.)"""
+    if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))
     if dtype == torch.float32:  # twice the registers and shared memory per tile, 3-pass matmuls

@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 
@@ -235,9 +236,11 @@ def bench_length(what, L, impls, args, device, dtype, results):
                 r['mem_mb'] = measure_cuda_memory(run, device) / 2**20
                 runs[impl] = (run, r)
         except Exception as e:  # noqa: BLE001
-            if not is_oom(e):
-                raise
-            r['status'] = 'skipped' if args.capped else 'OOM'
+            if is_oom(e):
+                r['status'] = 'skipped' if args.capped else 'OOM'
+            else:  # a bug, not a size limit: show it, go on with the other cases, exit with 1 at the end
+                traceback.print_exc()
+                r['status'] = 'error'
             r['error'] = str(e).splitlines()[0][:200]
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
@@ -409,6 +412,9 @@ def main():
     with open(args.out, 'w') as f:
         json.dump(out, f, indent=1)
     print(f"\nwrote {args.out}")
+    failed = sorted({f"{r['what']} {r['impl']}" for r in results if r['status'] == 'error'})
+    if failed:
+        sys.exit(f"errors (not out of memory) in: {', '.join(failed)}; see above and the 'error' fields in {args.out}")
 
 
 if __name__ == '__main__':

@@ -545,6 +545,12 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
     return cfg, launch
 
 
+def _constants(kernel, cfg):
+    # each kernel gets the constants it declares (the forward has no PHASE_GRAD_F32): Triton up to at
+    # least 3.6 rejects a keyword argument a kernel does not declare
+    return {name: value for name, value in cfg.items() if name in kernel.arg_names}
+
+
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -567,7 +573,8 @@ class _TapaAttention(torch.autograd.Function):
         grid = (triton.cdiv(Tq, launch['fwd']['BLOCK_M']), B * H)
         with _on_device(q):
             _tapa_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                                   H, Tq, Tk, alpha, amp_scale, phase_scale, QUADRATIC=quadratic, **cfg, **launch['fwd'])
+                                   H, Tq, Tk, alpha, amp_scale, phase_scale, QUADRATIC=quadratic,
+                                   **_constants(_tapa_fwd_kernel, cfg), **launch['fwd'])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.alpha, ctx.amp_scale, ctx.phase_scale = alpha, amp_scale, phase_scale
         ctx.quadratic, ctx.cfg, ctx.launch = quadratic, cfg, launch
@@ -592,11 +599,13 @@ class _TapaAttention(torch.autograd.Function):
             _tapa_bwd_dkdv_kernel[(triton.cdiv(Tk, launch['dkdv']['BLOCK_N']), B * H)](
                 q, k, v, do, lse, delta, dk, dv,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic, **ctx.cfg, **launch['dkdv'])
+                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
+                **_constants(_tapa_bwd_dkdv_kernel, ctx.cfg), **launch['dkdv'])
             _tapa_bwd_dq_kernel[(triton.cdiv(Tq, launch['dq']['BLOCK_M']), B * H)](
                 q, k, v, do, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic, **ctx.cfg, **launch['dq'])
+                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
+                **_constants(_tapa_bwd_dq_kernel, ctx.cfg), **launch['dq'])
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -61,3 +61,17 @@ def test_small_run_writes_results_and_ratios(tmp_path):
         assert r['status'] == 'ok' and r['time_ms'] > 0 and len(r['wall_ms']) == 2 and r['mem_mb'] >= 0
         assert abs(r['time_vs_rope_sdpa'] - r['time_ms'] / results[('rope_sdpa', L)]['time_ms']) < 1e-9
     assert '/ rope_sdpa' in proc.stdout  # the ratio tables are printed
+
+
+def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path):
+    # an unknown TAPA phase makes every TAPA case fail (a ValueError, not a lack of memory): RoPE is
+    # still measured, the TAPA row says 'error' with the reason, and the exit code says something failed
+    out = tmp_path / 'b.json'
+    proc = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--what', 'attn', '--lengths', '64',
+                           '--impls', 'rope_sdpa,tapa_naive', '--repeats', '1', '--threads', '1', '--n_head', '2',
+                           '--phase', 'cubic', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert 'errors (not out of memory) in: attn tapa_naive' in proc.stderr
+    results = {r['impl']: r for r in json.loads(out.read_text())['results']}
+    assert results['rope_sdpa']['status'] == 'ok' and results['rope_sdpa']['time_ms'] > 0
+    assert results['tapa_naive']['status'] == 'error' and 'cubic' in results['tapa_naive']['error']

@@ -101,10 +101,33 @@ def trig_errors():
     return errors
 
 
+def interpreter_problem():
+    """Worker side: None if this Triton's interpreter can run a loop whose bound is computed from
+    tl.program_id, as every kernel here does; else why not. (Triton 3.6's interpreter turns such a
+    bound into a Python int with int() of a 1-element array, which NumPy >= 2.4 refuses; Triton 3.9
+    works. On a GPU the compiled kernels are unaffected: tests/test_tapa_triton_cuda.py checks those.)"""
+    import torch
+    import triton
+    x = torch.zeros(4)
+    try:
+        loop_kernel[(2,)](x, 3)
+    except Exception as e:  # noqa: BLE001 - whatever the interpreter raises
+        import numpy
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run a loop with a runtime bound under "
+                f"NumPy {numpy.__version__} ({e!r}); upgrade Triton (3.9 works) to run these checks")
+    if x.tolist() != [3.0, 4.0, 0.0, 0.0]:
+        return f"Triton {triton.__version__}'s interpreter computed a loop wrongly: {x.tolist()}"
+    return None
+
+
 def worker():
     import time
     import torch
     torch.set_num_threads(1)
+    problem = interpreter_problem()
+    if problem:
+        print(json.dumps({'interpreter_problem': problem}))
+        return
     results = {'trig': trig_errors()}
     for name, case in CASES.items():
         t0 = time.time()
@@ -121,7 +144,10 @@ def interpreted():
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    if 'interpreter_problem' in results:
+        pytest.skip(results['interpreter_problem'])
+    return results
 
 
 @needs_triton
@@ -216,6 +242,14 @@ if __name__ == '__main__' and '--worker' in sys.argv:
     import triton
     import triton.language as tl
     import tapa_triton
+
+    @triton.jit
+    def loop_kernel(X, n):  # X[i] = n + i for program i, summed in a loop whose bound is a runtime value
+        i = tl.program_id(0)
+        total = 0.0
+        for _ in range(0, n + i):
+            total += 1.0
+        tl.store(X + i, total)
 
     @triton.jit
     def cos_sin_kernel(T, C, S, N: tl.constexpr):

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The checks and measurements of the CUDA path, in one go, on one GPU: what to run after changing
+# tapa_triton.py, or on a new kind of GPU. About 8 minutes on an H100. In order of importance:
+#   tests      the whole test suite, including tests/test_tapa_triton_cuda.py (the kernel vs float64)
+#   errors     the table of the kernel's errors next to PyTorch's own in the same dtype
+#   bench      bench.py: RoPE+SDPA, NoPE+SDPA, TAPA naive and TAPA triton, L = 512..16384, bfloat16
+#   train_*    a few steps of train.py with torch.compile (GPT-2 small on prepared PG-19 GPT-2 tokens;
+#              skipped if data/pg19/gpt2 is not prepared), TAPA then RoPE: tokens/s of the whole model
+#   tiles_*    experiments/triton_tiles.py: other tile sizes of each kernel, head dims 64 and 128
+#   bench_*    bench.py at head dim 128, and the chunked PyTorch path (the fallback without Triton)
+#
+#     bash experiments/gpu_check.sh                    # logs under runs/gpu_check/
+#     LOG_DIR=/tmp/gc BUDGET=480 bash experiments/gpu_check.sh   # stop starting steps after 480 s
+set -u
+cd "$(dirname "$0")/.."
+LOG_DIR=${LOG_DIR:-runs/gpu_check}
+BUDGET=${BUDGET:-100000}
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+
+step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log to $LOG_DIR/NAME.log, show the end
+    local name=$1 limit=$2
+    shift 2
+    local used=$(($(date +%s) - T0))
+    if ((used + 30 > BUDGET)); then
+        echo "== $name: skipped, ${used} s of the ${BUDGET} s budget used"
+        return
+    fi
+    ((limit > BUDGET - used)) && limit=$((BUDGET - used))
+    echo "== $name (limit ${limit} s, at ${used} s): $*"
+    local t=$(date +%s)
+    timeout "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $(($(date +%s) - t)) s"
+    tail -n "${TAIL:-30}" "$LOG_DIR/$name.log" | cut -c1-220
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 300 python3 -m pytest -q $XDIST tests
+step errors 150 python3 tests/test_tapa_triton_cuda.py
+step bench 240 python3 bench.py --impls rope_sdpa,nope_sdpa,tapa_naive,tapa_triton --repeats 10 \
+    --out "$LOG_DIR/bench.json"
+TRAIN_ARGS=(--compile=True --max_iters=40 --gradient_accumulation_steps=1 --batch_size=8 --warmup_iters=10
+    --lr_decay_iters=40 --eval_interval=1000 --eval_iters=2 --log_interval=10)
+if [ -f data/pg19/gpt2/train.bin ]; then
+    rm -rf /tmp/gpu_check_tapa /tmp/gpu_check_rope  # a fresh run each time, not a resume
+    step train_tapa 180 python3 train.py configs/pg19_gpt2_tapa.py "${TRAIN_ARGS[@]}" --out_dir=/tmp/gpu_check_tapa
+    cp /tmp/gpu_check_tapa/log.jsonl "$LOG_DIR/train_tapa.jsonl" 2>/dev/null && grep '"train"' "$LOG_DIR/train_tapa.jsonl" | tail -n 3
+fi
+step tiles_64 150 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16
+step bench_128 120 python3 bench.py --impls rope_sdpa,tapa_triton --head_dim 128 --n_head 8 --lengths 2048,8192,16384 \
+    --repeats 10 --out "$LOG_DIR/bench_128.json"
+if [ -f data/pg19/gpt2/train.bin ]; then
+    step train_rope 180 python3 train.py configs/pg19_gpt2_rope.py "${TRAIN_ARGS[@]}" --out_dir=/tmp/gpu_check_rope
+    cp /tmp/gpu_check_rope/log.jsonl "$LOG_DIR/train_rope.jsonl" 2>/dev/null && grep '"train"' "$LOG_DIR/train_rope.jsonl" | tail -n 3
+fi
+step bench_chunked 120 python3 bench.py --impls rope_sdpa,tapa_chunked --lengths 1024,4096 --repeats 5 \
+    --out "$LOG_DIR/bench_chunked.json"
+step tiles_128 150 python3 experiments/triton_tiles.py --head_dim 128 --n_head 8
+echo "== done in $(($(date +%s) - T0)) s; logs in $LOG_DIR"

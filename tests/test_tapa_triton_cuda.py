@@ -1,0 +1,144 @@
+"""The fused Triton kernel on a real CUDA GPU (skipped on machines without one, such as CI).
+
+test_tapa_triton.py checks the kernels' arithmetic in Triton's CPU interpreter at toy sizes, and
+test_tapa_triton_compile.py that they compile for real GPUs. Here the compiled kernels run on the
+GPU, at sizes that span many tiles (with partial tiles at the ends), in the three input dtypes, and
+are compared with model.py's materialized TAPA (impl='naive') computed in float64 from the same
+inputs. The error measure is ||got - ref|| / ||ref|| over the whole tensor, for the output and the
+gradients of q, k and v.
+
+What passes: the kernel must be at least as accurate as the readable PyTorch path in the same dtype
+(within a factor of 2: FlashAttention's own test criterion), or below an absolute bound per dtype
+that is what that dtype's rounding allows (float32 with float32-accurate matmuls: 5e-5; float16
+operands with float32 accumulation: 3e-3; bfloat16: 1e-2). A wrong mask, tile bound or gradient
+term is off by far more (order 1).
+
+Every output is checked to be finite after the caching allocator was filled with NaN, so an element
+the kernel forgot to write shows up.
+
+    python -m pytest tests/test_tapa_triton_cuda.py -n 8   # in parallel (pytest-xdist), compiles faster
+    python tests/test_tapa_triton_cuda.py                  # the table of errors, kernel vs PyTorch
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+pytestmark = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
+                                reason="needs a CUDA GPU and Triton (the fused kernel runs on CUDA only)")
+
+# shapes and TAPA settings; Tq < Tk means the queries are the last Tq positions (a KV cache)
+CASES = {
+    'quadratic_D64':        dict(B=2, H=3, Tq=1000, Tk=1000, D=64, theta=0.5, phase='quadratic', alpha=0.1),
+    'linear_D64':           dict(B=2, H=3, Tq=1000, Tk=1000, D=64, theta=0.5, phase='linear', alpha=0.1),
+    'quadratic_D128':       dict(B=1, H=2, Tq=777, Tk=777, D=128, theta=0.5, phase='quadratic', alpha=0.1),
+    'linear_D128':          dict(B=1, H=2, Tq=777, Tk=777, D=128, theta=0.5, phase='linear', alpha=0.1),
+    'quadratic_D32_theta.25_Tq<Tk': dict(B=2, H=2, Tq=300, Tk=1000, D=32, theta=0.25, phase='quadratic', alpha=0.1),
+    'linear_D96_theta.25':  dict(B=1, H=2, Tq=513, Tk=513, D=96, theta=0.25, phase='linear', alpha=0.1),
+    'quadratic_D64_decode': dict(B=3, H=2, Tq=1, Tk=2048, D=64, theta=0.5, phase='quadratic', alpha=0.1),
+    'quadratic_D64_strided': dict(B=2, H=2, Tq=600, Tk=600, D=64, theta=0.5, phase='quadratic', alpha=0.1,
+                                  layout='bthd'),
+    'quadratic_D64_alpha.5': dict(B=1, H=2, Tq=2048, Tk=2048, D=64, theta=0.5, phase='quadratic', alpha=0.5),
+    'quadratic_D64_8k':     dict(B=1, H=2, Tq=8192, Tk=8192, D=64, theta=0.5, phase='quadratic', alpha=0.1),
+}
+DTYPES = ['bfloat16', 'float16', 'float32']
+BOUND = {'float32': 5e-5, 'float16': 3e-3, 'bfloat16': 1e-2}
+
+
+def poison_allocator():
+    """Fill free memory of PyTorch's caching allocator with NaN: outputs the kernels then allocate
+    with torch.empty start as NaN, so any element left unwritten is caught by the finiteness check."""
+    free, _ = torch.cuda.mem_get_info()
+    block = torch.empty(min(free // 4, 2**30) // 4, device='cuda', dtype=torch.float32)
+    block.fill_(float('nan'))
+    del block  # back to the cache, not to the driver
+
+
+def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', seed=0):
+    """Relative errors of the kernel and of the naive PyTorch path in `dtype`, against float64."""
+    from model import tapa_attention
+    from tapa_triton import tapa_attention_triton
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device='cuda').manual_seed(seed)
+
+    def make(T):  # fresh random values; for 'bthd' a (B, H, T, D) view of a (B, T, H, D) tensor, as model.py makes
+        if layout == 'bthd':
+            return torch.randn(B, T, H, D, device='cuda', generator=g, dtype=torch.float64).to(dt).transpose(1, 2)
+        return torch.randn(B, H, T, D, device='cuda', generator=g, dtype=torch.float64).to(dt)
+    q, k, v, do = make(Tq), make(Tk), make(Tk), make(Tq)
+
+    def outputs(fn, *tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(do.to(out.dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    poison_allocator()
+    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase), q, k, v)
+    same_dtype = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'), q, k, v)
+    ref = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
+                  q.double(), k.double(), v.double())
+    errors = {}
+    for name, a, p, r in zip(('out', 'dq', 'dk', 'dv'), got, same_dtype, ref):
+        errors[name] = float((a - r).norm() / r.norm())
+        errors[name + '_pytorch'] = float((p - r).norm() / r.norm())
+        errors[name + '_finite'] = bool(torch.isfinite(a).all())
+    del got, same_dtype, ref
+    torch.cuda.empty_cache()
+    return errors
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('name', list(CASES))
+def test_kernel_matches_float64(name, dtype):
+    errors = compare(**CASES[name], dtype=dtype)
+    for key in ('out', 'dq', 'dk', 'dv'):
+        err, pytorch_err = errors[key], errors[key + '_pytorch']
+        assert errors[key + '_finite'], f"{name} {dtype}: {key} has inf/nan (an unwritten or overflowing element)"
+        assert err <= max(2 * pytorch_err, BOUND[dtype]), (
+            f"{name} {dtype}: {key} relative error {err:.2e}, PyTorch in the same dtype {pytorch_err:.2e}, "
+            f"bound {BOUND[dtype]:.0e}")
+
+
+@pytest.mark.parametrize('phase', ['quadratic', 'linear'])
+def test_model_uses_the_kernel_and_agrees(phase):
+    """A small GPT with attn_impl='triton' (and the phase scaling of the small-model setting, which
+    rescales q and k before the kernel) gives the loss and gradients of attn_impl='naive'."""
+    import model
+    torch.manual_seed(0)
+    cfg = model.GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=512, vocab_size=256, bias=False,
+                          pos_encoding='tapa', tapa_phase=phase, tapa_phase_scale=0.05, attn_impl='triton')
+    gpt = model.GPT(cfg).cuda()
+    gpt.set_tapa_phase_ramp(1.0)  # phi scaled by 0.05: q (and k) reach the kernel rescaled
+    x = torch.randint(0, 256, (2, 512), device='cuda')
+    losses, grads = {}, {}
+    for impl in ('triton', 'naive'):
+        for block in gpt.transformer.h:
+            block.attn.config.attn_impl = impl
+        gpt.zero_grad()
+        _, loss = gpt(x, x)
+        loss.backward()
+        losses[impl] = loss.item()
+        grads[impl] = torch.cat([p.grad.flatten() for p in gpt.parameters()])
+    assert abs(losses['triton'] - losses['naive']) < 1e-4 * losses['naive'], losses
+    rel = ((grads['triton'] - grads['naive']).norm() / grads['naive'].norm()).item()
+    assert rel < 1e-3, f"gradient relative difference {rel:.2e}"
+
+
+if __name__ == '__main__':
+    if not (HAS_TRITON and torch.cuda.is_available()):
+        sys.exit("needs a CUDA GPU and Triton")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    print("relative errors vs float64 (||got - ref|| / ||ref||): kernel / PyTorch naive in the same dtype")
+    print(f"{'case':32s} {'dtype':9s} " + ' '.join(f"{k:>19s}" for k in ('out', 'dq', 'dk', 'dv')))
+    for name, case in CASES.items():
+        for dtype in DTYPES:
+            e = compare(**case, dtype=dtype)
+            cells = ' '.join(f"{e[k]:9.2e}/{e[k + '_pytorch']:9.2e}" + ('' if e[k + '_finite'] else '!') for k in ('out', 'dq', 'dk', 'dv'))
+            print(f"{name:32s} {dtype:9s} {cells}", flush=True)

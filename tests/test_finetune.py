@@ -169,7 +169,8 @@ def test_eval_ppl_applies_the_recorded_extension(tmp_path, pretrained, data_dir)
     ckpt['model'] = {k: v * 10 if k.endswith('c_attn.weight') else v for k, v in ckpt['model'].items()}
     torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
     config = {**eval_ppl.default_config(), 'ckpt': out, 'lengths': '64', 'stride': 64, 'max_docs': 1,
-              'max_tokens_per_length': 64, 'quiet': True, 'out': str(tmp_path / 'ppl')}
+              'max_tokens_per_length': 64, 'quiet': True, 'out': str(tmp_path / 'ppl'),
+              'device': 'cpu'}  # as the float32 CPU computation below (a GPU would evaluate in bfloat16)
     results = eval_ppl.evaluate(config, log=lambda *a: None)
     entry = results['models'][0]
     assert entry['model_args']['rope_scaling'] == 'yarn' and entry['model_args']['rope_factor'] == 4.0

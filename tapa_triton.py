@@ -29,8 +29,13 @@ Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k produ
 so the matrix-multiply work is that of FlashAttention (a bit more when d_A or d_P is not a power of
 two: each part is zero-padded to one, e.g. 48 -> 64). On top of it each score needs a log2 and an exp2
 (for |m-n|^alpha) and a cos (and a sin in the backward), elementwise work FlashAttention does not
-have; that work, not the matmuls, is likely what bounds this kernel. Tile sizes are reasonable
-starting points (checked for register spills), not timed.
+have; that work, not the matmuls, bounds this kernel. Measured on an H200 (bfloat16, head dim 64,
+L = 8192), forward + backward took 4.1x the time of RoPE + FlashAttention, with ~61 (forward), ~69
+(dQ) and ~178 (dK/dV, 8 warps) machine instructions per score in the kernels' main loops. Since then:
+4 warps for dK/dV (timed: -25%), the hardware log2 (_log2_approx), float distances and folded
+constants cut those counts to ~39, ~53 and ~62 (`python tests/test_tapa_triton_compile.py --worker
+--sass` prints them, no GPU needed); the combined effect is not timed yet. README.md, "Speed and
+memory", has the numbers.
 
 Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
@@ -51,6 +56,10 @@ import torch
 try:
     import triton
     import triton.language as tl
+    try:
+        from triton.language.extra import libdevice  # fast_log2f, see _log2_approx
+    except ImportError:  # older Triton
+        from triton.language.extra.cuda import libdevice
     _TRITON_IMPORT_ERROR = None
 except Exception as e:  # ImportError, or a broken install
     _TRITON_IMPORT_ERROR = e
@@ -66,6 +75,7 @@ def is_available():
 # Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
 # decorators below read the variable, so what counts is its value when this file is imported.
 _INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+INTERPRETED = tl.constexpr(_INTERPRETED)  # the same, readable inside kernels
 
 
 # Constants the kernels read. Triton only lets a kernel read globals wrapped in tl.constexpr.
@@ -99,14 +109,26 @@ def _store_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, 
 
 
 @triton.jit
+def _log2_approx(x):
+    """log2(x) for x >= 1, with the hardware's approximate log2 (one special-function instruction,
+    absolute error ~1e-7). tl.log2 is the accurate library log2f: about 20 instructions per score, a
+    large share of the forward's elementwise work. The interpreter has no fast_log2f: tl.log2 there."""
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
 def _phase_turns(phi, dist, alpha):
     """The phase of one tile counted in turns, t = |m-n|^alpha * phi (angle = 2*pi*t), plus |m-n|^alpha.
-    dist = m - n, the query position minus the key position, as a tile of the same shape as phi.
+    dist = m - n, the query position minus the key position, as a float32 tile of the same shape as
+    phi. (Callers subtract float32 positions, exact below 2^24: cheaper than converting every
+    integer distance, a slow instruction on NVIDIA GPUs.)
 
     |m-n|^alpha = exp2(alpha * log2(m-n)) for m > n, and 0 on the diagonal (|0|^alpha = 0; future
     keys, m < n, are masked by the caller and also get 0 so everything stays finite)."""
-    dist = dist.to(tl.float32)
-    w = tl.where(dist > 0, tl.exp2(alpha * tl.log2(tl.maximum(dist, 1.0))), 0.0)
+    w = tl.where(dist > 0, tl.exp2(alpha * _log2_approx(tl.maximum(dist, 1.0))), 0.0)
     return w * phi, w
 
 
@@ -176,7 +198,8 @@ def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
     else:          # linear phase: a row sum plus a column sum, no matmul needed
         sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
         phi = sq[:, None] + sk[None, :]
-    turns, w = _phase_turns(phi, pos_m[:, None] - offs_n[None, :], alpha)
+    dist = pos_m.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]
+    turns, w = _phase_turns(phi, dist, alpha)
     cos_a, _ = _cos_sin_2pi(turns)
     s = amp * cos_a
 
@@ -283,9 +306,9 @@ def _bwd_elementwise(amp, phi, dist, keep, lse, delta, dp, alpha, amp_scale, pha
     p = tl.exp2(s - lse)  # masked entries: exp2(-inf) = 0, so their dS is 0 below
     ds = p * (dp - delta)
     # amp_scale = log2(e)/sqrt(d_A): times ln 2 gives back 1/sqrt(d_A), and turns `amp` back into
-    # the natural amplitude A
-    g_amp = ds * cos_a * amp_scale * LN2
-    g_phase = -ds * amp * LN2 * sin_a * w * TWO_PI * phase_scale
+    # the natural amplitude A. The constant factors are multiplied once, not per score.
+    g_amp = (ds * cos_a) * (amp_scale * LN2)
+    g_phase = (ds * amp) * (sin_a * w) * (-LN2 * TWO_PI * phase_scale)
     return p, g_amp, g_phase
 
 
@@ -313,7 +336,7 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
         sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
         phi_t = sk[:, None] + sq[None, :]
     pos_m = offs_m + shift
-    dist_t = pos_m[None, :] - offs_n[:, None]
+    dist_t = pos_m.to(tl.float32)[None, :] - offs_n.to(tl.float32)[:, None]
     keep_t = (offs_n[:, None] <= pos_m[None, :]) & (offs_n[:, None] < Tk)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     p_t, g_amp_t, g_phase_t = _bwd_elementwise(amp_t, phi_t, dist_t, keep_t, lse[None, :], delta[None, :],
@@ -415,7 +438,8 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
         phi = sq[:, None] + sk[None, :]
     keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    p, g_amp, g_phase = _bwd_elementwise(amp, phi, pos_m[:, None] - offs_n[None, :], keep, lse[:, None],
+    dist = pos_m.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]
+    p, g_amp, g_phase = _bwd_elementwise(amp, phi, dist, keep, lse[:, None],
                                          delta[:, None], dp, alpha, amp_scale, phase_scale, CAUSAL_MASK)
     dq_a += tl.dot(g_amp.to(k_a.dtype), k_a, input_precision=DOT_PREC)
     if QUADRATIC:
@@ -499,9 +523,10 @@ def _tile_sizes(dtype, block_d, capability):
       dQ        one program per BLOCK_M queries, streaming keys BLOCK_N at a time.
     The block a program keeps is the larger one: it is reused across the whole sweep. TAPA keeps more
     tiles alive than FlashAttention (amplitude, phase, distance weight, cos, and in the backward sin
-    and two gradients), so its tiles are smaller. These were picked by compiling for sm_75, sm_80,
-    sm_86 and sm_90 and reading ptxas's register report, not by timing: a starting point, to be tuned
-    on the GPU. (`python tests/test_tapa_triton_compile.py --worker --all` prints that report. With
+    and two gradients), so its tiles are smaller. The 16-bit tiles for head dims 64 and 128 are the
+    fastest of experiments/triton_tiles.py's candidates on an H200 (Hopper; e.g. 4 warps instead of 8:
+    -25% for dK/dV at head dim 64, -50% forward and -30% dQ at 128); the rest were picked by compiling
+    for sm_75, sm_80, sm_86 and sm_90 and reading ptxas's register report, not by timing. (`python tests/test_tapa_triton_compile.py --worker --all` prints that report. With
     Triton 3.9: no spills on sm_90 in 16-bit at head dim 64, <= 4 bytes at 128; up to 96 bytes in the
     backward at head dim 128 on sm_80/86; float32 with head dim 128 up to ~180 bytes in dQ.)"""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
@@ -511,9 +536,9 @@ def _tile_sizes(dtype, block_d, capability):
         return (dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(32, 16, 8)))
     if block_d <= 64:
-        return dict(fwd=(64, 64, 4), dkdv=(32, 64, 8), dq=(64, 32, 4))
+        return dict(fwd=(64, 64, 4), dkdv=(32, 64, 4), dq=(64, 32, 4))
     if block_d <= 128:
-        return dict(fwd=(64, 64, 8), dkdv=(32, 32, 4), dq=(64, 32, 8))
+        return dict(fwd=(64, 64, 4), dkdv=(32, 32, 4), dq=(64, 32, 4))
     return dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))
 
 

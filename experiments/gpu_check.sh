@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks and measurements of the CUDA path, in one go, on one GPU: what to run after changing
-# tapa_triton.py, or on a new kind of GPU. About 8 minutes on an H100. In order of importance:
+# tapa_triton.py, or on a new kind of GPU. About 7 minutes on an H200. In order of importance:
 #   tests      the whole test suite, including tests/test_tapa_triton_cuda.py (the kernel vs float64)
 #   errors     the table of the kernel's errors next to PyTorch's own in the same dtype
 #   bench      bench.py: RoPE+SDPA, NoPE+SDPA, TAPA naive and TAPA triton, L = 512..16384, bfloat16

@@ -526,15 +526,17 @@ def _tile_sizes(dtype, block_d, capability):
     and two gradients), so its tiles are smaller. The 16-bit tiles for head dims 64 and 128 are the
     fastest of experiments/triton_tiles.py's candidates on an H200 (Hopper; e.g. 4 warps instead of 8:
     -25% for dK/dV at head dim 64, -50% forward and -30% dQ at 128); the rest were picked by compiling
-    for sm_75, sm_80, sm_86 and sm_90 and reading ptxas's register report, not by timing. (`python tests/test_tapa_triton_compile.py --worker --all` prints that report. With
-    Triton 3.9: no spills on sm_90 in 16-bit at head dim 64, <= 4 bytes at 128; up to 96 bytes in the
-    backward at head dim 128 on sm_80/86; float32 with head dim 128 up to ~180 bytes in dQ.)"""
+    for sm_75, sm_80, sm_86 and sm_90 and reading ptxas's register report and the instructions per
+    score, not by timing (float32 at head dim 128: 4 warps, 40% fewer instructions per score than 8).
+    `python tests/test_tapa_triton_compile.py --worker --all --sass` prints both. With Triton 3.9 and
+    the alignment Triton assumes at run time, 16-bit inputs spill nothing on sm_90 and at most 16
+    bytes on sm_80/86 (quadratic phase, head dims 64 and 128; linear phase up to 32 bytes), float32
+    at head dim 128 up to 100 bytes in dQ."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))
     if dtype == torch.float32:  # twice the registers and shared memory per tile, 3-pass matmuls
-        return (dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4)) if block_d <= 64 else
-                dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(32, 16, 8)))
+        return dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4))
     if block_d <= 64:
         return dict(fwd=(64, 64, 4), dkdv=(32, 64, 4), dq=(64, 32, 4))
     if block_d <= 128:

@@ -334,7 +334,11 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
         phi_t = tl.dot(k_p, tl.trans(q_p), input_precision=DOT_PREC) * phase_scale
     else:
         sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
-        phi_t = sk[:, None] + sq[None, :]
+        # "+ amp_t * 0": gives phi the register layout of the matmul output amp_t. Without it Triton
+        # keeps phi in the layout of the broadcast sums and computes the elementwise chain below
+        # twice, once per layout: 76 instead of 58 instructions per score in this kernel's main loop
+        # (bfloat16, head dim 64, sm_90; `python tests/test_tapa_triton_compile.py --worker --sass`).
+        phi_t = sk[:, None] + sq[None, :] + amp_t * 0.0
     pos_m = offs_m + shift
     dist_t = pos_m.to(tl.float32)[None, :] - offs_n.to(tl.float32)[:, None]
     keep_t = (offs_n[:, None] <= pos_m[None, :]) & (offs_n[:, None] < Tk)
@@ -435,7 +439,7 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
         phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
     else:
         sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
-        phi = sq[:, None] + sk[None, :]
+        phi = sq[:, None] + sk[None, :] + amp * 0.0  # "+ amp * 0": see _dkdv_step
     keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     dist = pos_m.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]
@@ -529,9 +533,9 @@ def _tile_sizes(dtype, block_d, capability):
     for sm_75, sm_80, sm_86 and sm_90 and reading ptxas's register report and the instructions per
     score, not by timing (float32 at head dim 128: 4 warps, 40% fewer instructions per score than 8).
     `python tests/test_tapa_triton_compile.py --worker --all --sass` prints both. With Triton 3.9 and
-    the alignment Triton assumes at run time, 16-bit inputs spill nothing on sm_90 and at most 16
-    bytes on sm_80/86 (quadratic phase, head dims 64 and 128; linear phase up to 32 bytes), float32
-    at head dim 128 up to 100 bytes in dQ."""
+    the alignment Triton assumes at run time, 16-bit inputs at head dims 64 and 128 spill nothing on
+    sm_90 with the quadratic phase and at most 16 bytes otherwise (sm_80/86, or the linear phase);
+    float32 at head dim 128 up to 100 bytes in dQ."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))

@@ -32,10 +32,11 @@ two: each part is zero-padded to one, e.g. 48 -> 64). On top of it each score ne
 have; that work, not the matmuls, bounds this kernel. Measured on an H200 (bfloat16, head dim 64,
 L = 8192), forward + backward took 4.1x the time of RoPE + FlashAttention, with ~61 (forward), ~69
 (dQ) and ~178 (dK/dV, 8 warps) machine instructions per score in the kernels' main loops. Since then:
-4 warps for dK/dV (timed: -25%), the hardware log2 (_log2_approx), float distances and folded
-constants cut those counts to ~39, ~53 and ~62 (`python tests/test_tapa_triton_compile.py --worker
---sass` prints them, no GPU needed); the combined effect is not timed yet. README.md, "Speed and
-memory", has the numbers.
+4 warps for dK/dV (timed: -25%); the special-function unit's log2 (_log2_approx), cos and sin
+(_cos_sin_2pi) instead of library and Taylor-series code; float distances and folded constants. They
+cut the counts to ~28, ~36 and ~43 (`python tests/test_tapa_triton_compile.py --worker --sass`
+prints them, no GPU needed); the combined effect is not timed yet. README.md, "Speed and memory",
+has the numbers.
 
 Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
@@ -134,41 +135,25 @@ def _phase_turns(phi, dist, alpha):
 
 @triton.jit
 def _cos_sin_2pi(t):
-    """cos(2*pi*t) and sin(2*pi*t), on the FMA units, accurate to a few float32 ulps for any t.
+    """cos(2*pi*t) and sin(2*pi*t) for any t, to ~5e-7 (absolute).
 
-    Why not tl.cos / tl.sin: the angle grows with distance (|m-n|^alpha * phi turns), and the
-    library cos/sin are built for any argument, with a slow exact-reduction path for huge ones that
-    costs registers and local memory in every tile. Counting in turns makes the reduction trivial:
-      1. drop whole turns: t - floor(t + 0.5) is in [-1/2, 1/2], computed exactly in float32 (it
-         only removes leading bits);
-      2. fold into a quarter turn: with u = |t|, if u > 1/4 use u' = 1/2 - u, since
-         cos(pi - x) = -cos(x) and sin(pi - x) = sin(x); now x = 2*pi*u' is in [0, pi/2];
-      3. Taylor series on [0, pi/2]: every term is smaller than the previous one, and stopping at
-         x^12 (cos) and x^13 (sin) leaves an error below 1e-8, under float32 rounding.
-    The backward needs both; the forward uses only cos (the compiler drops the unused sin)."""
-    t = t - tl.floor(t + 0.5)
-    u = tl.abs(t)
-    flip = u > 0.25
-    x = tl.where(flip, 0.5 - u, u) * TWO_PI
-    x2 = x * x
-    # cos x = 1 - x^2/2! + x^4/4! - ... ;  Horner in x^2, highest term first
-    c = 1.0 / 479001600.0                   # 1/12!
-    c = c * x2 - 1.0 / 3628800.0            # -1/10!
-    c = c * x2 + 1.0 / 40320.0              # 1/8!
-    c = c * x2 - 1.0 / 720.0                # -1/6!
-    c = c * x2 + 1.0 / 24.0                 # 1/4!
-    c = c * x2 - 0.5                        # -1/2!
-    c = c * x2 + 1.0
-    # sin x = x - x^3/3! + x^5/5! - ...
-    s = 1.0 / 6227020800.0                  # 1/13!
-    s = s * x2 - 1.0 / 39916800.0           # -1/11!
-    s = s * x2 + 1.0 / 362880.0             # 1/9!
-    s = s * x2 - 1.0 / 5040.0               # -1/7!
-    s = s * x2 + 1.0 / 120.0                # 1/5!
-    s = s * x2 - 1.0 / 6.0                  # -1/3!
-    s = (s * x2 + 1.0) * x
-    cos_t = tl.where(flip, -c, c)
-    sin_t = tl.where(t < 0, -s, s)
+    The angle grows with distance (|m-n|^alpha * phi turns), so reducing it to one turn must not lose
+    accuracy. Counting in turns makes the reduction exact: r = t - floor(t + 0.5) only removes leading
+    bits of t, leaving r in [-1/2, 1/2]. Then the GPU's special-function unit gives cos and sin of
+    2*pi*r, in [-pi, pi], in one instruction each, with an absolute error below 2^-21 there (CUDA's
+    __cosf / __sinf); beyond one turn that is smaller than the rounding error of t itself. The library
+    tl.cos / tl.sin would spend tens of instructions per score on their own reduction. (The Taylor
+    series on the FMA units used before, float32-exact, cost 11 more instructions per score in the
+    forward's main loop and 17 more in the backward's; the elementwise work bounds this kernel.) The
+    interpreter has no fast_cosf: tl.cos there. The forward uses only cos; the compiler drops the
+    unused sin."""
+    x = (t - tl.floor(t + 0.5)) * TWO_PI
+    if INTERPRETED:
+        cos_t = tl.cos(x)
+        sin_t = tl.sin(x)
+    else:
+        cos_t = libdevice.fast_cosf(x)
+        sin_t = libdevice.fast_sinf(x)
     return cos_t, sin_t
 
 
@@ -533,9 +518,9 @@ def _tile_sizes(dtype, block_d, capability):
     for sm_75, sm_80, sm_86 and sm_90 and reading ptxas's register report and the instructions per
     score, not by timing (float32 at head dim 128: 4 warps, 40% fewer instructions per score than 8).
     `python tests/test_tapa_triton_compile.py --worker --all --sass` prints both. With Triton 3.9 and
-    the alignment Triton assumes at run time, 16-bit inputs at head dims 64 and 128 spill nothing on
-    sm_90 with the quadratic phase and at most 16 bytes otherwise (sm_80/86, or the linear phase);
-    float32 at head dim 128 up to 100 bytes in dQ."""
+    the alignment Triton assumes at run time, on sm_80, sm_86 and sm_90 at head dims 64 and 128,
+    bfloat16 spills nothing (both phases), float16 at most 12 bytes, float32 up to 100 bytes (dQ,
+    head dim 128)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))

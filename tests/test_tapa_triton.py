@@ -86,8 +86,8 @@ def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, 
 
 
 def trig_errors():
-    """Worker side: the kernels' own cos/sin of 2*pi*t (a range reduction and Taylor series) against
-    float64, for phases from a fraction of a turn to ten thousand turns."""
+    """Worker side: the kernels' cos/sin of 2*pi*t (an exact reduction to one turn, then cos and sin)
+    against float64, for phases from a fraction of a turn to ten thousand turns."""
     import math
     import torch
     errors = {}
@@ -162,8 +162,10 @@ def test_matches_reference(interpreted, name):
 
 @needs_triton
 def test_cos_sin_of_turns(interpreted):
-    """cos/sin inside the kernels: float32-accurate (~2e-7) however many turns the phase makes. (A
-    plain float32 cos(2*pi*t) is off by ~4e-3 at 10^4 turns; here only t's own rounding remains.)"""
+    """cos/sin inside the kernels: the reduction to one turn is exact, so the error stays ~2e-7 however
+    many turns the phase makes. (A plain float32 cos(2*pi*t) is off by ~4e-3 at 10^4 turns.) Here the
+    interpreter's cos evaluates the reduced angle; on a GPU it is the special-function unit's, checked
+    by tests/test_tapa_triton_cuda.py."""
     for key, err in interpreted['trig'].items():
         assert err < 1e-6, f"{key}: error {err:.2e}"
 

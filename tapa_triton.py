@@ -58,7 +58,7 @@ try:
     import triton
     import triton.language as tl
     try:
-        from triton.language.extra import libdevice  # fast_log2f, see _log2_approx
+        from triton.language.extra import libdevice  # the fast log2, cos, sin: _log2_approx, _cos_sin_2pi
     except ImportError:  # older Triton
         from triton.language.extra.cuda import libdevice
     _TRITON_IMPORT_ERROR = None

@@ -24,6 +24,7 @@ Here each (BLOCK_M x BLOCK_N) tile of scores lives only in registers:
             them). Two kernels, as in FlashAttention-2 and the Triton fused-attention tutorial: one
             program per key block accumulates dK and dV over the query blocks, one program per query
             block accumulates dQ over the key blocks. No atomics, so results are deterministic.
+            (deterministic=False: one kernel, dQ added with atomics; see tapa_attention_triton.)
 
 Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k product (d_A + d_P = D),
 so the matrix-multiply work is that of FlashAttention (a bit more when d_A or d_P is not a power of
@@ -107,6 +108,13 @@ def _store_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, 
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _atomic_add_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+    cols = tl.arange(0, COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.atomic_add(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], value, mask=mask, sem='relaxed')
 
 
 @triton.jit
@@ -299,12 +307,13 @@ def _bwd_elementwise(amp, phi, dist, keep, lse, delta, dp, alpha, amp_scale, pha
 
 @triton.jit
 def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO_base, LSE_base, DELTA_base,
-               stride_qt, stride_dot, Tq, Tk, shift, alpha, amp_scale, phase_scale,
+               DQ_base, stride_qt, stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale, phase_scale,
                D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-               DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
-    """Add the contribution of the query block [start_m, start_m + BLOCK_M) to one key block's dK, dV.
+               DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Add the contribution of the query block [start_m, start_m + BLOCK_M) to one key block's dK, dV
+    (and, with ATOMIC_DQ, add this tile's share of the queries' dQ to a float32 buffer).
     The tile is built transposed, keys x queries (as in the Triton fused-attention tutorial), so
     that dV += P^T dO and dK += dS^T q are plain matmuls of the tile, with no transpose of it."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -339,19 +348,34 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
             dk_p += tl.dot(g_phase_t.to(q_p.dtype), q_p, input_precision=DOT_PREC)
     else:
         dsk += tl.sum(g_phase_t, axis=1)
+    if ATOMIC_DQ:
+        # The single-pass backward: dQ from this same tile (dQ += dS k, through the transposed tile),
+        # added with atomics to a float32 buffer that every key block of these queries adds to. That
+        # saves the dQ kernel, which would recompute the whole elementwise chain of every tile.
+        _atomic_add_rows(DQ_base, tl.dot(tl.trans(g_amp_t.to(k_a.dtype)), k_a, input_precision=DOT_PREC),
+                         offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
+        if QUADRATIC:
+            if PHASE_GRAD_F32:
+                dq_p = tl.dot(tl.trans(g_phase_t), k_p.to(tl.float32), input_precision=DOT_PREC)
+            else:
+                dq_p = tl.dot(tl.trans(g_phase_t.to(k_p.dtype)), k_p, input_precision=DOT_PREC)
+        else:  # the same value for every phase dim of query m: the column sum over these keys
+            dq_p = tl.broadcast_to(tl.sum(g_phase_t, axis=0)[:, None], (BLOCK_M, BLOCK_DP))
+        _atomic_add_rows(DQ_base, dq_p, offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
     return dk_a, dk_p, dsk, dv
 
 
 @triton.jit
-def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          stride_dqb, stride_dqh, stride_dqt,
                           H, Tq, Tk, alpha, amp_scale, phase_scale,
                           D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                           BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
-                          DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
+                          DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # one program = one block of BLOCK_N keys of one (batch, head); it walks over the query blocks
     # that can see these keys and accumulates dK and dV in registers
     pid_n = tl.program_id(0)
@@ -362,6 +386,7 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     DO_base = DO + b * stride_dob + h * stride_doh
     LSE_base = LSE + pid_bh * Tq
     DELTA_base = DELTA + pid_bh * Tq
+    DQ_base = DQ + b * stride_dqb + h * stride_dqh  # used with ATOMIC_DQ only
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -387,16 +412,16 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     masked_end = tl.maximum(tl.minimum(masked_end, Tq), lo)
     for start_m in range(lo, masked_end, BLOCK_M):
         dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
-                                         Q_base, DO_base, LSE_base, DELTA_base, stride_qt, stride_dot,
-                                         Tq, Tk, shift, alpha, amp_scale, phase_scale, D_A, D_P, D,
-                                         BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M, QUADRATIC, True,
-                                         DOT_PREC, PHASE_GRAD_F32)
+                                         Q_base, DO_base, LSE_base, DELTA_base, DQ_base, stride_qt,
+                                         stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale,
+                                         phase_scale, D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
+                                         QUADRATIC, True, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
     for start_m in range(masked_end, Tq, BLOCK_M):
         dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
-                                         Q_base, DO_base, LSE_base, DELTA_base, stride_qt, stride_dot,
-                                         Tq, Tk, shift, alpha, amp_scale, phase_scale, D_A, D_P, D,
-                                         BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M, QUADRATIC, False,
-                                         DOT_PREC, PHASE_GRAD_F32)
+                                         Q_base, DO_base, LSE_base, DELTA_base, DQ_base, stride_qt,
+                                         stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale,
+                                         phase_scale, D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
+                                         QUADRATIC, False, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
 
     DK_base = DK + b * stride_dkb + h * stride_dkh
     _store_rows(DK_base, dk_a, offs_n, Tk, stride_dkt, 0, BLOCK_DA, D_A)
@@ -533,7 +558,7 @@ def _tile_sizes(dtype, block_d, capability):
     return dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))
 
 
-def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
+def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, deterministic=True):
     D = q.size(-1)
     dtype = q.dtype
     cfg = dict(
@@ -550,6 +575,8 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages):
         # operands (TF32 on the tensor cores: float16's precision, float32's range). bfloat16 already
         # has float32's range.
         PHASE_GRAD_F32=(dtype == torch.float16),
+        # deterministic=False: the single-pass backward, see tapa_attention_triton
+        ATOMIC_DQ=not deterministic,
     )
     tiles = _tile_sizes(dtype, cfg['BLOCK_D'], torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0))
     launch = {}
@@ -606,23 +633,26 @@ class _TapaAttention(torch.autograd.Function):
         # Delta[m] = sum_d dO[m,d] * O[m,d] = sum_n P[m,n] * dP[m,n], the softmax backward's row term.
         # One small elementwise pass; PyTorch does it fine.
         delta = (do.float() * o.float()).sum(-1).contiguous()
-        dq = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, H, Tk, D), device=k.device, dtype=k.dtype)
         dv = torch.empty((B, H, Tk, D), device=v.device, dtype=v.dtype)
+        atomic = ctx.cfg['ATOMIC_DQ']  # single pass: the dK/dV kernel also adds dQ, in float32
+        dq = torch.zeros((B, H, Tq, D), device=q.device, dtype=torch.float32) if atomic else \
+            torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
         args = (ctx.alpha, ctx.amp_scale, ctx.phase_scale)
         launch = ctx.launch
         with _on_device(q):
             _tapa_bwd_dkdv_kernel[(triton.cdiv(Tk, launch['dkdv']['BLOCK_N']), B * H)](
-                q, k, v, do, lse, delta, dk, dv,
+                q, k, v, do, lse, delta, dk, dv, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
+                *_strides(dq), H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
                 **_constants(_tapa_bwd_dkdv_kernel, ctx.cfg), **launch['dkdv'])
-            _tapa_bwd_dq_kernel[(triton.cdiv(Tq, launch['dq']['BLOCK_M']), B * H)](
-                q, k, v, do, lse, delta, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
-                **_constants(_tapa_bwd_dq_kernel, ctx.cfg), **launch['dq'])
-        return dq, dk, dv, None, None, None, None, None
+            if not atomic:
+                _tapa_bwd_dq_kernel[(triton.cdiv(Tq, launch['dq']['BLOCK_M']), B * H)](
+                    q, k, v, do, lse, delta, dq,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                    H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
+                    **_constants(_tapa_bwd_dq_kernel, ctx.cfg), **launch['dq'])
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 
 
@@ -639,13 +669,18 @@ def tapa_split(head_dim, theta):
     return d_amp, head_dim - d_amp
 
 
-def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *,
+def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, deterministic=True,
                           block_m=None, block_n=None, num_warps=None, num_stages=None):
     """Fused causal TAPA attention. q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, the queries
     being the last Tq positions. float16, bfloat16 or float32 (all three the same), CUDA tensors
     (or CPU tensors under TRITON_INTERPRET=1). Returns (B, H, Tq, D) in q's dtype; differentiable
     in q, k and v. block_m / block_n / num_warps / num_stages override the launch configuration
-    (block sizes: powers of two >= 16)."""
+    (block sizes: powers of two >= 16).
+    deterministic=False: a single-pass backward, as FlashAttention-2 does it. The dK/dV kernel also
+    adds each tile's share of dQ to a float32 buffer with atomics, instead of a second kernel that
+    recomputes every tile's elementwise work, which is most of the backward's time. The order of
+    those additions varies, so dQ can differ between runs by float32 rounding. Not yet timed on a
+    GPU against the default (experiments/triton_tiles.py times both)."""
     if _TRITON_IMPORT_ERROR is not None:
         raise RuntimeError(f"tapa_attention_triton needs Triton (pip install triton; Linux + CUDA GPU): "
                            f"importing it failed with {_TRITON_IMPORT_ERROR!r}. Use attn_impl='chunked' instead.")
@@ -690,7 +725,7 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *,
                          "so the kernels run in Triton's CPU interpreter; pass CPU tensors, or unset it")
     # the kernels want unit stride along the head dim (any other layout is fine)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages)
+    cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, bool(deterministic))
     return _apply(q, k, v, float(alpha), d_amp, phase == 'quadratic', cfg, launch)
 
 

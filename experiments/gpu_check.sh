@@ -6,7 +6,8 @@
 #   bench      bench.py: RoPE+SDPA, NoPE+SDPA, TAPA naive and TAPA triton, L = 512..16384, bfloat16
 #   train_*    a few steps of train.py with torch.compile (GPT-2 small on prepared PG-19 GPT-2 tokens;
 #              skipped if data/pg19/gpt2 is not prepared), TAPA then RoPE: tokens/s of the whole model
-#   tiles_*    experiments/triton_tiles.py: other tile sizes of each kernel, head dims 64 and 128
+#   tiles_*    experiments/triton_tiles.py: other tile sizes of each kernel, and the single-pass
+#              backward (deterministic=False) against the default, head dims 64 and 128
 #   bench_*    bench.py at head dim 128, and the chunked PyTorch path (the fallback without Triton)
 #
 #     bash experiments/gpu_check.sh                    # logs under runs/gpu_check/

@@ -8,6 +8,9 @@ two keep their defaults, at one realistic shape, so you can see whether your GPU
     python experiments/triton_tiles.py                               # bfloat16, head dim 64, L=8192
     python experiments/triton_tiles.py --head_dim 128 --n_head 8 --dtype float16
 
+'single' times the single-pass backward (tapa_attention_triton(..., deterministic=False): the dK/dV
+kernel also adds dQ with atomics) against the default two-kernel backward.
+
 The forward is timed alone (no autograd); a kernel of the backward is timed as the whole backward
 (dK/dV + dQ + the small Delta pass) with that kernel's tiles changed, so differences between rows of
 one kernel are that kernel's. Times are medians of triton.testing.do_bench. For scale it also times
@@ -34,6 +37,9 @@ CANDIDATES = {
              (16, 64, 4, 2), (32, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
     'dq':   [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
              (32, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (32, 16, 4, 2)],
+    # the single-pass backward: the dK/dV kernel's tiles; more keys per program, fewer dQ atomics
+    'single': [(32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2),
+               (16, 64, 4, 2), (32, 32, 4, 2)],
 }
 
 
@@ -47,7 +53,7 @@ def main():
     p.add_argument('--phase', default='quadratic', choices=['quadratic', 'linear'])
     p.add_argument('--theta', type=float, default=0.5)
     p.add_argument('--alpha', type=float, default=0.1)
-    p.add_argument('--kernels', default='fwd,dkdv,dq')
+    p.add_argument('--kernels', default='fwd,dkdv,dq,single')
     args = p.parse_args()
     if not tt.is_available():
         sys.exit("needs a CUDA GPU and Triton")
@@ -82,20 +88,32 @@ def main():
     # backward 2.5x that (its recomputation not counted)
     fwd_flops = 2 * B * H * L * L * D
     print(f"{'kernel':6s} {'BLOCK_M':>7s} {'BLOCK_N':>7s} {'warps':>5s} {'stages':>6s} {'ms':>9s} {'vs default':>10s} {'TFLOP/s':>8s}")
+    # 'single': the single-pass backward (deterministic=False), the dK/dV kernel adding dQ with
+    # atomics; its rows are compared with the default two-kernel backward
+    cfg_single, _ = tt._launch_config(q, d_amp, None, None, None, None, deterministic=False)
     for name in args.kernels.split(','):
         base_ms = None
-        d = default[name]  # (under TRITON_INTERPRET=1 it has no num_warps / num_stages)
+        if name == 'single':
+            out = tt._apply(q, k, v, args.alpha, d_amp, quadratic, cfg, default)
+            base_ms = bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+            del out
+            print(f"single: the single-pass backward; 'vs default' is against the two-kernel backward "
+                  f"with default tiles, {base_ms:.3f} ms")
+        tiles_of = 'dkdv' if name == 'single' else name  # the single pass runs in the dK/dV kernel
+        d = default[tiles_of]  # (under TRITON_INTERPRET=1 it has no num_warps / num_stages)
         first = (d['BLOCK_M'], d['BLOCK_N'], d.get('num_warps', 4), d.get('num_stages', 2))
         for bm, bn, nw, ns in [first] + [c for c in CANDIDATES[name] if c != first]:
             launch = {n: dict(c) for n, c in default.items()}
-            launch[name] = dict(BLOCK_M=bm, BLOCK_N=bn, **(dict(num_warps=nw, num_stages=ns) if 'num_warps' in d else {}))
+            launch[tiles_of] = dict(BLOCK_M=bm, BLOCK_N=bn,
+                                    **(dict(num_warps=nw, num_stages=ns) if 'num_warps' in d else {}))
             try:
                 if name == 'fwd':
                     with torch.no_grad():
                         ms = bench(lambda: tt._apply(q, k, v, args.alpha, d_amp, quadratic, cfg, launch))
                     flops = fwd_flops
                 else:
-                    out = tt._apply(q, k, v, args.alpha, d_amp, quadratic, cfg, launch)
+                    out = tt._apply(q, k, v, args.alpha, d_amp, quadratic, cfg_single if name == 'single' else cfg,
+                                    launch)
                     ms = bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
                     flops = 2.5 * fwd_flops
                     del out

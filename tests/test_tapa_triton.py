@@ -46,6 +46,13 @@ CASES = {
                                   dtype='float16'),
     'linear_D32_fp16_default_tiles': dict(B=1, H=1, Tq=50, Tk=90, D=32, theta=0.5, phase='linear',
                                           alpha=0.5, dtype='float16', block_m=None, block_n=None),
+    # the single-pass backward (dQ added with atomics from the dK/dV kernel)
+    'quadratic_D48_Tq<Tk_single_pass': dict(B=1, H=2, Tq=19, Tk=45, D=48, theta=0.5, phase='quadratic',
+                                            alpha=0.5, block_m=16, block_n=32, deterministic=False),
+    'linear_D32_single_pass_strided': dict(B=2, H=2, Tq=37, Tk=37, D=32, theta=0.5, phase='linear',
+                                           alpha=0.5, layout='bthd', deterministic=False),
+    'quadratic_D32_fp16_single_pass': dict(B=1, H=1, Tq=37, Tk=37, D=32, theta=0.5, phase='quadratic',
+                                           alpha=0.5, dtype='float16', deterministic=False),
 }
 # Largest error allowed, relative to the largest magnitude of the float64 reference. float32 matches
 # it to ~3e-5 (as does model.py's own float32 path), float16 inputs to ~5e-4 (probabilities and
@@ -54,7 +61,8 @@ CASES = {
 TOL = {'float32': 1e-4, 'float16': 5e-3}
 
 
-def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, block_n=16, layout='bhtd'):
+def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, block_n=16, layout='bhtd',
+             deterministic=True):
     """Worker side: the kernel's output and gradients against the float64 reference, as relative errors."""
     import torch
     from model import tapa_attention
@@ -74,7 +82,7 @@ def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, 
         out.backward(do.to(out.dtype))
         return [out.detach().double()] + [t.grad.double() for t in leaves]
 
-    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase,
+    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase, deterministic=deterministic,
                                                         block_m=block_m, block_n=block_n), q, k, v)
     ref = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
                   q.double(), k.double(), v.double())

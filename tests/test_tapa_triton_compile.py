@@ -32,15 +32,17 @@ HAS_TRITON = importlib.util.find_spec('triton') is not None
 
 # (capability, dtype, head dim, phase): the test's set (about 3 s per kernel on one core). --all adds
 # head dims 32 and 128, Turing (sm_75) and Ampere consumer cards (sm_86).
+# A fifth element True: the single-pass backward (deterministic=False, dQ added with atomics).
 CASES = [((9, 0), 'bfloat16', 64, 'quadratic'), ((9, 0), 'float16', 64, 'quadratic'),
-         ((9, 0), 'float32', 64, 'quadratic'), ((8, 0), 'bfloat16', 128, 'linear')]
+         ((9, 0), 'float32', 64, 'quadratic'), ((8, 0), 'bfloat16', 128, 'linear'),
+         ((9, 0), 'bfloat16', 64, 'linear', True)]
 ALL_CASES = [(cap, dtype, D, phase) for cap in ((7, 5), (8, 0), (8, 6), (9, 0))
              for dtype in ('bfloat16', 'float16', 'float32') for D in (32, 64, 128)
              for phase in ('quadratic', 'linear') if not (cap == (7, 5) and dtype == 'bfloat16')]
 
 
-def compile_case(cap, dtype_name, D, phase, theta=0.5, report_registers=False, report_sass=False):
-    """Worker side: compile the three kernels for GPU `cap`; per kernel, what came out."""
+def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_registers=False, report_sass=False):
+    """Worker side: compile the kernels for GPU `cap`; per kernel, what came out."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -50,11 +52,15 @@ def compile_case(cap, dtype_name, D, phase, theta=0.5, report_registers=False, r
     dtype = getattr(torch, dtype_name)
     d_amp, _ = tt.tapa_split(D, theta)
     # the launch configuration tapa_attention_triton picks, for this GPU instead of the local one
-    cfg, _ = tt._launch_config(torch.empty(1, 1, 1, D, dtype=dtype), d_amp, None, None, None, None)
+    cfg, _ = tt._launch_config(torch.empty(1, 1, 1, D, dtype=dtype), d_amp, None, None, None, None,
+                               deterministic=not atomic_dq)
     tiles = tt._tile_sizes(dtype, cfg['BLOCK_D'], cap)
     pointer = {'bfloat16': '*bf16', 'float16': '*fp16', 'float32': '*fp32'}[dtype_name]
     results = {}
-    for name, kernel in (('fwd', tt._tapa_fwd_kernel), ('dkdv', tt._tapa_bwd_dkdv_kernel), ('dq', tt._tapa_bwd_dq_kernel)):
+    kernels = [('fwd', tt._tapa_fwd_kernel), ('dkdv', tt._tapa_bwd_dkdv_kernel)]
+    if not atomic_dq:  # the single-pass backward has no dQ kernel
+        kernels.append(('dq', tt._tapa_bwd_dq_kernel))
+    for name, kernel in kernels:
         block_m, block_n, num_warps = tiles[name]
         constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
         signature, constexprs, attrs = {}, {}, {}
@@ -66,7 +72,7 @@ def compile_case(cap, dtype_name, D, phase, theta=0.5, report_registers=False, r
             if arg in constants:
                 signature[arg] = 'constexpr'
                 constexprs[(i,)] = constants[arg]
-            elif arg in ('LSE', 'DELTA'):
+            elif arg in ('LSE', 'DELTA') or (arg == 'DQ' and atomic_dq):  # dQ's atomic buffer is float32
                 signature[arg] = '*fp32'
             elif arg in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV'):  # the tensors in the input dtype
                 signature[arg] = pointer
@@ -81,7 +87,8 @@ def compile_case(cap, dtype_name, D, phase, theta=0.5, report_registers=False, r
         out = dict(tiles=[block_m, block_n, num_warps], cubin_bytes=len(compiled.asm['cubin']),
                    shared_bytes=compiled.metadata.shared,
                    mma=len(re.findall(r'\bmma\.sync', ptx)), wgmma=len(re.findall(r'\bwgmma\.mma_async', ptx)),
-                   fma=len(re.findall(r'\bfma\.rn\.f32', ptx)))
+                   fma=len(re.findall(r'\bfma\.rn\.f32', ptx)),
+                   atomics=len(re.findall(r'\b(?:red|atom)\.global', ptx)))
         if report_registers:
             out.update(ptxas_report(ptx, cap))
         if report_sass:
@@ -153,7 +160,8 @@ def compiled():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-@pytest.mark.parametrize('case', CASES, ids=lambda c: f'sm{c[0][0]}{c[0][1]}-{c[1]}-D{c[2]}-{c[3]}')
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f'sm{c[0][0]}{c[0][1]}-{c[1]}-D{c[2]}-{c[3]}'
+                                                     + ('-single-pass' if c[4:] else ''))
 def test_kernels_compile_for_gpu(compiled, case):
     result = compiled[repr(case)]
     if 'error' in result:
@@ -163,6 +171,10 @@ def test_kernels_compile_for_gpu(compiled, case):
         # every kernel multiplies tiles (QK^T twice, P@V, the gradients): those must be tensor-core
         # instructions; float32 inputs go through them too, as three TF32 passes (tf32x3)
         assert out['mma'] + out['wgmma'] > 0, f"{case} {kernel}: no tensor-core instruction in the PTX ({out})"
+    single_pass = case[4:] == (True,)
+    # the single-pass backward adds dQ with atomics in the dK/dV kernel, and only there
+    assert (result['dkdv']['atomics'] > 0) == single_pass, result['dkdv']
+    assert result['fwd']['atomics'] == 0 and ('dq' in result) != single_pass
 
 
 def worker(cases, report_registers, report_sass=False):

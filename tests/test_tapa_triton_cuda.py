@@ -46,6 +46,13 @@ CASES = {
                                   layout='bthd'),
     'quadratic_D64_alpha.5': dict(B=1, H=2, Tq=2048, Tk=2048, D=64, theta=0.5, phase='quadratic', alpha=0.5),
     'quadratic_D64_8k':     dict(B=1, H=2, Tq=8192, Tk=8192, D=64, theta=0.5, phase='quadratic', alpha=0.1),
+    # the single-pass backward (deterministic=False: dQ added with atomics by the dK/dV kernel)
+    'quadratic_D64_single_pass': dict(B=2, H=3, Tq=1000, Tk=1000, D=64, theta=0.5, phase='quadratic',
+                                      alpha=0.1, deterministic=False),
+    'linear_D128_single_pass': dict(B=1, H=2, Tq=777, Tk=777, D=128, theta=0.5, phase='linear', alpha=0.1,
+                                    deterministic=False),
+    'quadratic_D32_theta.25_Tq<Tk_single_pass': dict(B=2, H=2, Tq=300, Tk=1000, D=32, theta=0.25,
+                                                     phase='quadratic', alpha=0.1, deterministic=False),
 }
 DTYPES = ['bfloat16', 'float16', 'float32']
 BOUND = {'float32': 5e-5, 'float16': 3e-3, 'bfloat16': 1e-2}
@@ -72,7 +79,7 @@ def poison_allocator():
     del block  # back to the cache, not to the driver
 
 
-def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', seed=0):
+def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', deterministic=True, seed=0):
     """Relative errors of the kernel and of the naive PyTorch path in `dtype`, against float64."""
     from model import tapa_attention
     from tapa_triton import tapa_attention_triton
@@ -92,7 +99,8 @@ def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', seed=0):
         return [out.detach().double()] + [t.grad.double() for t in leaves]
 
     poison_allocator()
-    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase), q, k, v)
+    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase, deterministic=deterministic),
+                  q, k, v)
     same_dtype = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'), q, k, v)
     ref = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
                   q.double(), k.double(), v.double())

@@ -21,10 +21,11 @@ Here each (BLOCK_M x BLOCK_N) tile of scores lives only in registers:
             running max / running sum / running output (the "online softmax"), and saves only the
             output and the log-sum-exp of each query row.
   backward  recomputes the score tiles from q, k and the saved log-sum-exp (cheaper than storing
-            them). Two kernels, as in FlashAttention-2 and the Triton fused-attention tutorial: one
-            program per key block accumulates dK and dV over the query blocks, one program per query
-            block accumulates dQ over the key blocks. No atomics, so results are deterministic.
-            (deterministic=False: one kernel, dQ added with atomics; see tapa_attention_triton.)
+            them). Two kernels, as in the Triton fused-attention tutorial: one program per key
+            block accumulates dK and dV over the query blocks, one program per query block
+            accumulates dQ over the key blocks. No atomics, so results are deterministic.
+            (deterministic=False: one kernel that also adds dQ with atomics, as FlashAttention-2's
+            CUDA code does; see tapa_attention_triton.)
 
 Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k product (d_A + d_P = D),
 so the matrix-multiply work is that of FlashAttention (a bit more when d_A or d_P is not a power of
@@ -676,11 +677,11 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
     (or CPU tensors under TRITON_INTERPRET=1). Returns (B, H, Tq, D) in q's dtype; differentiable
     in q, k and v. block_m / block_n / num_warps / num_stages override the launch configuration
     (block sizes: powers of two >= 16).
-    deterministic=False: a single-pass backward, as FlashAttention-2 does it. The dK/dV kernel also
-    adds each tile's share of dQ to a float32 buffer with atomics, instead of a second kernel that
-    recomputes every tile's elementwise work, which is most of the backward's time. The order of
-    those additions varies, so dQ can differ between runs by float32 rounding. Not yet timed on a
-    GPU against the default (experiments/triton_tiles.py times both)."""
+    deterministic=False: a single-pass backward, as FlashAttention-2's CUDA code does it. The dK/dV
+    kernel also adds each tile's share of dQ to a float32 buffer with atomics, instead of a second
+    kernel that recomputes every tile's elementwise work, which is most of the backward's time. The
+    order of those additions varies, so dQ can differ between runs by float32 rounding. Not yet
+    timed on a GPU against the default (experiments/triton_tiles.py times both)."""
     if _TRITON_IMPORT_ERROR is not None:
         raise RuntimeError(f"tapa_attention_triton needs Triton (pip install triton; Linux + CUDA GPU): "
                            f"importing it failed with {_TRITON_IMPORT_ERROR!r}. Use attn_impl='chunked' instead.")

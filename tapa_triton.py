@@ -559,7 +559,9 @@ def _tile_sizes(dtype, block_d, capability):
     return dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))
 
 
-def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, deterministic=True):
+def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, deterministic=True, capability=None):
+    """(constants, launch options) of the three kernels for q's dtype and head dim, on q's GPU or on
+    the GPU `capability` names, e.g. (9, 0) (the compile test builds for GPUs it does not have)."""
     D = q.size(-1)
     dtype = q.dtype
     cfg = dict(
@@ -579,7 +581,9 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, determinis
         # deterministic=False: the single-pass backward, see tapa_attention_triton
         ATOMIC_DQ=not deterministic,
     )
-    tiles = _tile_sizes(dtype, cfg['BLOCK_D'], torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0))
+    if capability is None:
+        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0)
+    tiles = _tile_sizes(dtype, cfg['BLOCK_D'], capability)
     launch = {}
     for name, (bm, bn, nw) in tiles.items():
         launch[name] = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn,

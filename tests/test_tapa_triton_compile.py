@@ -52,16 +52,16 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
     dtype = getattr(torch, dtype_name)
     d_amp, _ = tt.tapa_split(D, theta)
     # the launch configuration tapa_attention_triton picks, for this GPU instead of the local one
-    cfg, _ = tt._launch_config(torch.empty(1, 1, 1, D, dtype=dtype), d_amp, None, None, None, None,
-                               deterministic=not atomic_dq)
-    tiles = tt._tile_sizes(dtype, cfg['BLOCK_D'], cap)
+    cfg, launch = tt._launch_config(torch.empty(1, 1, 1, D, dtype=dtype), d_amp, None, None, None, None,
+                                    deterministic=not atomic_dq, capability=cap)
     pointer = {'bfloat16': '*bf16', 'float16': '*fp16', 'float32': '*fp32'}[dtype_name]
     results = {}
     kernels = [('fwd', tt._tapa_fwd_kernel), ('dkdv', tt._tapa_bwd_dkdv_kernel)]
     if not atomic_dq:  # the single-pass backward has no dQ kernel
         kernels.append(('dq', tt._tapa_bwd_dq_kernel))
     for name, kernel in kernels:
-        block_m, block_n, num_warps = tiles[name]
+        block_m, block_n, num_warps, num_stages = (launch[name][key] for key in
+                                                   ('BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'))
         constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(kernel.arg_names):
@@ -82,7 +82,7 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
                 signature[arg] = 'i32'
         target = GPUTarget('cuda', cap[0] * 10 + cap[1], 32)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=target,
-                                  options=dict(num_warps=num_warps, num_stages=2))
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
         ptx = compiled.asm['ptx']
         out = dict(tiles=[block_m, block_n, num_warps], cubin_bytes=len(compiled.asm['cubin']),
                    shared_bytes=compiled.metadata.shared,

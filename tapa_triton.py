@@ -93,29 +93,36 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)), and exp2 is the fast h
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
-    """Load a (len(rows) x COLS) tile: rows `rows` of a (n_rows x D) matrix, columns col0 .. col0+COLS.
-    COLS is a power of two >= 16 (what tl.dot wants); the real width n_cols may be smaller (say 48 of
-    64, or 8 of 16), so the extra columns -- and rows past the end of the sequence -- read as 0. Zero
-    columns add nothing to a dot product, which is how widths that are not powers of two are handled."""
+def _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+    """Pointers to a (len(rows) x COLS) tile -- rows `rows` of a (n_rows x D) matrix, columns col0 ..
+    col0+COLS -- and the mask of its real entries. COLS is a power of two >= 16 (what tl.dot wants);
+    the real width n_cols may be smaller (say 48 of 64, or 8 of 16), and rows may run past the end of
+    the sequence: those entries are masked."""
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], mask=mask, other=0.0)
+    return ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], mask
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+    """Load a tile (see _tile_ptrs); masked entries read as 0. Zero columns add nothing to a dot
+    product, which is how widths that are not powers of two are handled."""
+    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
     """The mirror of _load_rows: write only the real rows and columns."""
-    cols = tl.arange(0, COLS)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols)
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _atomic_add_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
-    cols = tl.arange(0, COLS)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.atomic_add(ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], value, mask=mask, sem='relaxed')
+    """Add a tile to the real rows and columns, atomically (several programs add to the same rows)."""
+    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols)
+    tl.atomic_add(ptrs, value, mask=mask, sem='relaxed')
 
 
 @triton.jit
@@ -307,6 +314,16 @@ def _bwd_elementwise(amp, phi, dist, keep, lse, delta, dp, alpha, amp_scale, pha
 
 
 @triton.jit
+def _dot_phase_grad(g, x, DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
+    """g @ x for a float32 phase-gradient tile g and q_P or k_P: in x's dtype, except that float16
+    inputs take float32 operands (see _launch_config: float16 cannot hold large phase gradients)."""
+    if PHASE_GRAD_F32:
+        return tl.dot(g, x.to(tl.float32), input_precision=DOT_PREC)
+    else:
+        return tl.dot(g.to(x.dtype), x, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO_base, LSE_base, DELTA_base,
                DQ_base, stride_qt, stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale, phase_scale,
                D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
@@ -343,10 +360,7 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dk_a += tl.dot(g_amp_t.to(q_a.dtype), q_a, input_precision=DOT_PREC)
     if QUADRATIC:
-        if PHASE_GRAD_F32:  # see _launch_config: float16 cannot hold large phase gradients
-            dk_p += tl.dot(g_phase_t, q_p.to(tl.float32), input_precision=DOT_PREC)
-        else:
-            dk_p += tl.dot(g_phase_t.to(q_p.dtype), q_p, input_precision=DOT_PREC)
+        dk_p += _dot_phase_grad(g_phase_t, q_p, DOT_PREC, PHASE_GRAD_F32)
     else:
         dsk += tl.sum(g_phase_t, axis=1)
     if ATOMIC_DQ:
@@ -356,10 +370,7 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
         _atomic_add_rows(DQ_base, tl.dot(tl.trans(g_amp_t.to(k_a.dtype)), k_a, input_precision=DOT_PREC),
                          offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
         if QUADRATIC:
-            if PHASE_GRAD_F32:
-                dq_p = tl.dot(tl.trans(g_phase_t), k_p.to(tl.float32), input_precision=DOT_PREC)
-            else:
-                dq_p = tl.dot(tl.trans(g_phase_t.to(k_p.dtype)), k_p, input_precision=DOT_PREC)
+            dq_p = _dot_phase_grad(tl.trans(g_phase_t), k_p, DOT_PREC, PHASE_GRAD_F32)
         else:  # the same value for every phase dim of query m: the column sum over these keys
             dq_p = tl.broadcast_to(tl.sum(g_phase_t, axis=0)[:, None], (BLOCK_M, BLOCK_DP))
         _atomic_add_rows(DQ_base, dq_p, offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
@@ -458,10 +469,7 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
                                          delta[:, None], dp, alpha, amp_scale, phase_scale, CAUSAL_MASK)
     dq_a += tl.dot(g_amp.to(k_a.dtype), k_a, input_precision=DOT_PREC)
     if QUADRATIC:
-        if PHASE_GRAD_F32:
-            dq_p += tl.dot(g_phase, k_p.to(tl.float32), input_precision=DOT_PREC)
-        else:
-            dq_p += tl.dot(g_phase.to(k_p.dtype), k_p, input_precision=DOT_PREC)
+        dq_p += _dot_phase_grad(g_phase, k_p, DOT_PREC, PHASE_GRAD_F32)
     else:
         dsq += tl.sum(g_phase, axis=1)
     return dq_a, dq_p, dsq

@@ -61,6 +61,15 @@ CASES = {
 TOL = {'float32': 1e-4, 'float16': 5e-3}
 
 
+def forward_backward(fn, tensors, grad_out):
+    """fn(*tensors) and the gradients of <output, grad_out> w.r.t. each tensor, all as float64
+    (tests/test_tapa_triton_cuda.py uses it too)."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
 def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, block_n=16, layout='bhtd',
              deterministic=True):
     """Worker side: the kernel's output and gradients against the float64 reference, as relative errors."""
@@ -76,16 +85,11 @@ def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, 
         return torch.randn(B, H, T, D, generator=g).to(dt)
     q, k, v, do = make(Tq), make(Tk), make(Tk), make(Tq)
 
-    def outputs(fn, *tensors):
-        leaves = [t.detach().requires_grad_() for t in tensors]
-        out = fn(*leaves)
-        out.backward(do.to(out.dtype))
-        return [out.detach().double()] + [t.grad.double() for t in leaves]
-
-    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase, deterministic=deterministic,
-                                                        block_m=block_m, block_n=block_n), q, k, v)
-    ref = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
-                  q.double(), k.double(), v.double())
+    got = forward_backward(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase,
+                                                                 deterministic=deterministic,
+                                                                 block_m=block_m, block_n=block_n), (q, k, v), do)
+    ref = forward_backward(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
+                           (q.double(), k.double(), v.double()), do)
     errors = {}
     for name, a, r in zip(('out', 'dq', 'dk', 'dv'), got, ref):
         errors[name] = float((a - r).abs().max() / r.abs().max().clamp(min=1e-12))

@@ -83,6 +83,7 @@ def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', determin
     """Relative errors of the kernel and of the naive PyTorch path in `dtype`, against float64."""
     from model import tapa_attention
     from tapa_triton import tapa_attention_triton
+    from test_tapa_triton import forward_backward
     dt = getattr(torch, dtype)
     g = torch.Generator(device='cuda').manual_seed(seed)
 
@@ -92,18 +93,13 @@ def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', determin
         return torch.randn(B, H, T, D, device='cuda', generator=g, dtype=torch.float64).to(dt)
     q, k, v, do = make(Tq), make(Tk), make(Tk), make(Tq)
 
-    def outputs(fn, *tensors):
-        leaves = [t.detach().requires_grad_() for t in tensors]
-        out = fn(*leaves)
-        out.backward(do.to(out.dtype))
-        return [out.detach().double()] + [t.grad.double() for t in leaves]
-
     poison_allocator()
-    got = outputs(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase, deterministic=deterministic),
-                  q, k, v)
-    same_dtype = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'), q, k, v)
-    ref = outputs(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
-                  q.double(), k.double(), v.double())
+    got = forward_backward(lambda a, b, c: tapa_attention_triton(a, b, c, alpha, theta, phase,
+                                                                 deterministic=deterministic), (q, k, v), do)
+    same_dtype = forward_backward(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
+                                  (q, k, v), do)
+    ref = forward_backward(lambda a, b, c: tapa_attention(a, b, c, alpha, theta, phase, impl='naive'),
+                           (q.double(), k.double(), v.double()), do)
     errors = {}
     for name, a, p, r in zip(('out', 'dq', 'dk', 'dv'), got, same_dtype, ref):
         errors[name] = float((a - r).norm() / r.norm())
@@ -175,5 +171,6 @@ if __name__ == '__main__':
     for name, case in CASES.items():
         for dtype in DTYPES:
             e = compare(**case, dtype=dtype)
-            cells = ' '.join(f"{e[k]:9.2e}/{e[k + '_pytorch']:9.2e}" + ('' if e[k + '_finite'] else '!') for k in ('out', 'dq', 'dk', 'dv'))
+            cells = ' '.join(f"{e[k]:9.2e}/{e[k + '_pytorch']:9.2e}" + ('' if e[k + '_finite'] else '!')
+                             for k in ('out', 'dq', 'dk', 'dv'))
             print(f"{name:32s} {dtype:9s} {cells}", flush=True)

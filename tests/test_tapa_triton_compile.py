@@ -41,6 +41,9 @@ ALL_CASES = [(cap, dtype, D, phase) for cap in ((7, 5), (8, 0), (8, 6), (9, 0))
              for phase in ('quadratic', 'linear') if not (cap == (7, 5) and dtype == 'bfloat16')]
 
 
+TENSOR_ARGS = ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')  # the kernels' tensors in the input dtype
+
+
 def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_registers=False, report_sass=False):
     """Worker side: compile the kernels for GPU `cap`; per kernel, what came out."""
     import torch
@@ -65,7 +68,7 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
         constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(kernel.arg_names):
-            if arg in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV', 'LSE', 'DELTA') or arg.startswith('stride'):
+            if arg in TENSOR_ARGS or arg in ('LSE', 'DELTA') or arg.startswith('stride'):
                 # what Triton assumes at run time of tensors' pointers and strides that are multiples
                 # of 16 (as in every model here): with it, loads become 16-byte vector loads
                 attrs[(i,)] = [['tt.divisibility', 16]]
@@ -74,7 +77,7 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
                 constexprs[(i,)] = constants[arg]
             elif arg in ('LSE', 'DELTA') or (arg == 'DQ' and atomic_dq):  # dQ's atomic buffer is float32
                 signature[arg] = '*fp32'
-            elif arg in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV'):  # the tensors in the input dtype
+            elif arg in TENSOR_ARGS:  # the tensors in the input dtype
                 signature[arg] = pointer
             elif arg in ('alpha', 'amp_scale', 'phase_scale'):
                 signature[arg] = 'fp32'

@@ -37,6 +37,16 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log to $LOG_
     tail -n "${TAIL:-30}" "$LOG_DIR/$name.log" | cut -c1-220
 }
 
+train() {  # train PE: 40 compiled steps of configs/pg19_gpt2_PE.py, and the tokens/s they logged
+    [ -f data/pg19/gpt2/train.bin ] || return 0
+    rm -rf "/tmp/gpu_check_$1"  # a fresh run each time, not a resume
+    step "train_$1" 180 python3 train.py "configs/pg19_gpt2_$1.py" --compile=True --max_iters=40 \
+        --gradient_accumulation_steps=1 --batch_size=8 --warmup_iters=10 --lr_decay_iters=40 \
+        --eval_interval=1000 --eval_iters=2 --log_interval=10 --out_dir="/tmp/gpu_check_$1"
+    cp "/tmp/gpu_check_$1/log.jsonl" "$LOG_DIR/train_$1.jsonl" 2>/dev/null &&
+        grep '"train"' "$LOG_DIR/train_$1.jsonl" | tail -n 3
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
@@ -45,20 +55,11 @@ step tests 300 python3 -m pytest -q $XDIST tests
 step errors 150 python3 tests/test_tapa_triton_cuda.py
 step bench 240 python3 bench.py --impls rope_sdpa,nope_sdpa,tapa_naive,tapa_triton --repeats 10 \
     --out "$LOG_DIR/bench.json"
-TRAIN_ARGS=(--compile=True --max_iters=40 --gradient_accumulation_steps=1 --batch_size=8 --warmup_iters=10
-    --lr_decay_iters=40 --eval_interval=1000 --eval_iters=2 --log_interval=10)
-if [ -f data/pg19/gpt2/train.bin ]; then
-    rm -rf /tmp/gpu_check_tapa /tmp/gpu_check_rope  # a fresh run each time, not a resume
-    step train_tapa 180 python3 train.py configs/pg19_gpt2_tapa.py "${TRAIN_ARGS[@]}" --out_dir=/tmp/gpu_check_tapa
-    cp /tmp/gpu_check_tapa/log.jsonl "$LOG_DIR/train_tapa.jsonl" 2>/dev/null && grep '"train"' "$LOG_DIR/train_tapa.jsonl" | tail -n 3
-fi
+train tapa
 step tiles_64 150 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16
 step bench_128 120 python3 bench.py --impls rope_sdpa,tapa_triton --head_dim 128 --n_head 8 --lengths 2048,8192,16384 \
     --repeats 10 --out "$LOG_DIR/bench_128.json"
-if [ -f data/pg19/gpt2/train.bin ]; then
-    step train_rope 180 python3 train.py configs/pg19_gpt2_rope.py "${TRAIN_ARGS[@]}" --out_dir=/tmp/gpu_check_rope
-    cp /tmp/gpu_check_rope/log.jsonl "$LOG_DIR/train_rope.jsonl" 2>/dev/null && grep '"train"' "$LOG_DIR/train_rope.jsonl" | tail -n 3
-fi
+train rope
 step bench_chunked 120 python3 bench.py --impls rope_sdpa,tapa_chunked --lengths 1024,4096 --repeats 5 \
     --out "$LOG_DIR/bench_chunked.json"
 step tiles_128 150 python3 experiments/triton_tiles.py --head_dim 128 --n_head 8

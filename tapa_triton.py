@@ -29,16 +29,20 @@ Here each (BLOCK_M x BLOCK_N) tile of scores lives only in registers:
 
 Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k product (d_A + d_P = D),
 so the matrix-multiply work is that of FlashAttention (a bit more when d_A or d_P is not a power of
-two: each part is zero-padded to one, e.g. 48 -> 64). On top of it each score needs a log2 and an exp2
-(for |m-n|^alpha) and a cos (and a sin in the backward), elementwise work FlashAttention does not
-have; that work, not the matmuls, bounds this kernel. Measured on an H200 (bfloat16, head dim 64,
-L = 8192), forward + backward took 4.1x the time of RoPE + FlashAttention, with ~61 (forward), ~69
-(dQ) and ~178 (dK/dV, 8 warps) machine instructions per score in the kernels' main loops. Since then:
-4 warps for dK/dV (timed: -25%); the special-function unit's log2 (_log2_approx), cos and sin
-(_cos_sin_2pi) instead of library and Taylor-series code; float distances and folded constants. They
-cut the counts to ~28, ~36 and ~43 (`python tests/test_tapa_triton_compile.py --worker --sass`
-prints them, no GPU needed); the combined effect is not timed yet. README.md, "Speed and memory",
-has the numbers.
+two: each part is zero-padded to one, e.g. 48 -> 64). On top of it each score needs |m-n|^alpha, a
+cos (and a sin in the backward): elementwise work FlashAttention does not have, and that work, not
+the matmuls, bounds this kernel. Measured on an H200 (bfloat16, head dim 64, L = 8192), the first
+version took 4.1x the time of RoPE + FlashAttention for forward + backward, with ~61 (forward), ~69
+(dQ) and ~178 (dK/dV) machine instructions per score in the kernels' main loops, and the
+special-function unit (log2, exp2, cos, sin: 16 per clock per SM, against 128 multiply-adds) busy
+with 4-5 operations per score. Since then: 4 warps for dK/dV (timed: -25%); cos and sin on the
+special-function unit after an exact reduction to one turn (_cos_sin_2pi), instead of library and
+Taylor-series code; |m-n|^alpha read from a table (_distance_weights) instead of a log2 and an exp2
+per score; constant factors folded into multiply-adds or applied once per row or block. Triton 3.6
+(as on that H200) now issues ~20, ~26 and ~35 instructions per score, with 2 (forward) and 3
+(backward) special-function operations (`python tests/test_tapa_triton_compile.py --worker --sass`
+prints the counts, no GPU needed); the effect on time is not measured yet. README.md, "Speed and
+memory", has the numbers.
 
 Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
@@ -60,7 +64,7 @@ try:
     import triton
     import triton.language as tl
     try:
-        from triton.language.extra import libdevice  # the fast log2, cos, sin: _log2_approx, _cos_sin_2pi
+        from triton.language.extra import libdevice  # the fast cos and sin: _cos_sin_2pi
     except ImportError:  # older Triton
         from triton.language.extra.cuda import libdevice
     _TRITON_IMPORT_ERROR = None
@@ -85,6 +89,7 @@ INTERPRETED = tl.constexpr(_INTERPRETED)  # the same, readable inside kernels
 # (log2(e) itself is only used on the host: it is folded into the amplitude scale, see forward)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / log2(e)
 TWO_PI = tl.constexpr(6.283185307179586)
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, see _cos_sin_2pi
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)), and exp2 is the fast hardware instruction
 
 
@@ -126,27 +131,27 @@ def _atomic_add_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.conste
 
 
 @triton.jit
-def _log2_approx(x):
-    """log2(x) for x >= 1, with the hardware's approximate log2 (one special-function instruction,
-    absolute error ~1e-7). tl.log2 is the accurate library log2f: about 20 instructions per score, a
-    large share of the forward's elementwise work. The interpreter has no fast_log2f: tl.log2 there."""
-    if INTERPRETED:
-        return tl.log2(x)
+def _distance_weights(row_ptrs, col_offsets, keep, CAUSAL_MASK: tl.constexpr):
+    """w = |m-n|^alpha / sqrt(d_P) for one tile, read from the table W[d] = d^alpha / sqrt(d_P)
+    (W[0] = 0) that _distance_table builds once per setting. Tile entry [i, j] is W[m - n], at
+    row_ptrs[i] + col_offsets[j]: row_ptrs[i] = W + the distance of row i at column 0, and
+    col_offsets[j] = +j or -j. Both int64: then the compiler folds each constant column offset into
+    the load instruction itself; int32 offsets cost three more instructions per score (each turned
+    into a 64-bit address). Tiles that straddle the diagonal read only the visible entries, n <= m;
+    the others are 0.
+
+    Why a table: the power takes a log2 and an exp2 per score, two instructions of the GPU's
+    special-function unit, which does 16 of them per clock per SM against 128 multiply-adds. The
+    forward needs two more there (the cos and the softmax's exp2), the backward three (cos, sin,
+    exp2), and these units, more than the matmuls, set the pace: the power was half of their work in
+    the forward, two fifths in the backward. A table of Tk floats (32 KB at 8k keys) stays in the
+    caches, and its tiles stream through shared memory like those of K and V. The phase's
+    1/sqrt(d_P) rides along, so phi needs no scaling of its own."""
+    ptrs = row_ptrs[:, None] + col_offsets[None, :]
+    if CAUSAL_MASK:
+        return tl.load(ptrs, mask=keep, other=0.0)
     else:
-        return libdevice.fast_log2f(x)
-
-
-@triton.jit
-def _phase_turns(phi, dist, alpha):
-    """The phase of one tile counted in turns, t = |m-n|^alpha * phi (angle = 2*pi*t), plus |m-n|^alpha.
-    dist = m - n, the query position minus the key position, as a float32 tile of the same shape as
-    phi. (Callers subtract float32 positions, exact below 2^24: cheaper than converting every
-    integer distance, a slow instruction on NVIDIA GPUs.)
-
-    |m-n|^alpha = exp2(alpha * log2(m-n)) for m > n, and 0 on the diagonal (|0|^alpha = 0; future
-    keys, m < n, are masked by the caller and also get 0 so everything stays finite)."""
-    w = tl.where(dist > 0, tl.exp2(alpha * _log2_approx(tl.maximum(dist, 1.0))), 0.0)
-    return w * phi, w
+        return tl.load(ptrs)
 
 
 @triton.jit
@@ -154,16 +159,18 @@ def _cos_sin_2pi(t):
     """cos(2*pi*t) and sin(2*pi*t) for any t, to ~5e-7 (absolute).
 
     The angle grows with distance (|m-n|^alpha * phi turns), so reducing it to one turn must not lose
-    accuracy. Counting in turns makes the reduction exact: r = t - floor(t + 0.5) only removes leading
-    bits of t, leaving r in [-1/2, 1/2]. Then the GPU's special-function unit gives cos and sin of
-    2*pi*r, in [-pi, pi], in one instruction each, with an absolute error below 2^-21 there (CUDA's
-    __cosf / __sinf); beyond one turn that is smaller than the rounding error of t itself. The library
-    tl.cos / tl.sin would spend tens of instructions per score on their own reduction. (The Taylor
-    series on the FMA units used before, float32-exact, cost 11 more instructions per score in the
-    forward's main loop and 17 more in the backward's; the elementwise work bounds this kernel.) The
-    interpreter has no fast_cosf: tl.cos there. The forward uses only cos; the compiler drops the
-    unused sin."""
-    x = (t - tl.floor(t + 0.5)) * TWO_PI
+    accuracy. Counting in turns makes the reduction exact: r = t - round(t) only removes leading bits of
+    t, leaving r in [-1/2, 1/2]. round(t) is (t + 1.5*2^23) - 1.5*2^23: the sum lands in [2^23, 2^24),
+    where float32 holds only integers, so the addition itself rounds t to the nearest integer (exactly
+    so for |t| < 2^22 turns; beyond that float32's t has no fraction of a turn left to keep). Two adds
+    on the FMA units, where floor() is a conversion instruction, 4x slower on recent GPUs. Then the
+    special-function unit gives cos and sin of 2*pi*r, in [-pi, pi], in one instruction each, with an
+    absolute error below 2^-21 there (CUDA's __cosf / __sinf); beyond one turn that is smaller than the
+    rounding error of t itself. The library tl.cos / tl.sin would spend tens of instructions per score
+    on their own reduction. The interpreter has no fast_cosf: tl.cos there. The forward uses only cos;
+    the compiler drops the unused sin."""
+    nearest = (t + ROUND_MAGIC) - ROUND_MAGIC
+    x = (t - nearest) * TWO_PI
     if INTERPRETED:
         cos_t = tl.cos(x)
         sin_t = tl.sin(x)
@@ -179,7 +186,7 @@ def _cos_sin_2pi(t):
 
 @triton.jit
 def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
-              K_base, V_base, stride_kt, stride_vt, start_n, Tk, alpha, amp_scale, phase_scale,
+              K_base, V_base, W, stride_kt, stride_vt, start_n, Tk, amp_scale,
               D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
               BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
@@ -190,41 +197,43 @@ def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
     k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
     v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
 
-    # The amplitude logits, already in log2 units (amp_scale = log2(e) / sqrt(d_A)) so that the
-    # softmax below can use exp2: softmax is unchanged if every logit is scaled by log2(e) and
-    # exp is replaced by exp2, and exp2 is a single fast hardware instruction.
-    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC) * amp_scale
+    # The two dot products, unscaled: their constant factors are folded into other operations below
+    # (every multiply per score counts here, see _distance_weights).
+    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if QUADRATIC:  # a second, narrower matmul: the phase part of q times the phase part of k
-        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
+        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC)
     else:          # linear phase: a row sum plus a column sum, no matmul needed
-        sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
+        sk = tl.sum(k_p.to(tl.float32), axis=1)
         phi = sq[:, None] + sk[None, :]
-    dist = pos_m.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]
-    turns, w = _phase_turns(phi, dist, alpha)
-    cos_a, _ = _cos_sin_2pi(turns)
-    s = amp * cos_a
-
     # Only blocks that straddle the diagonal (or run past the last key) need the mask: the caller
     # splits the key range so that the many blocks left of the diagonal skip this work.
+    keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
+    # |m-n|^alpha / sqrt(d_P): row m, column n = start_n + j is at distance (m - start_n) - j
+    w = _distance_weights(W + (pos_m - start_n).to(tl.int64), -tl.arange(0, BLOCK_N).to(tl.int64), keep,
+                          CAUSAL_MASK)
+    cos_a, _ = _cos_sin_2pi(w * phi)  # the phase, in turns
+    s = amp * cos_a  # the score times sqrt(d_A)
     if CAUSAL_MASK:
-        keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
         s = tl.where(keep, s, float('-inf'))
 
-    # Online softmax: the new running max, rescale what was accumulated under the old max, add this
+    # Online softmax, in log2 units: softmax is unchanged if every logit is scaled by log2(e) and exp
+    # is replaced by exp2, a single fast instruction. amp_scale = log2(e) / sqrt(d_A) turns s into
+    # such a logit; it is applied to the row max (one multiply per row) and inside the exponent's
+    # multiply-add (free). New running max, rescale what was accumulated under the old max, add this
     # block. Every row sees key 0 in its first block, so row_max is finite from then on (no inf-inf).
-    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    new_max = tl.maximum(row_max, tl.max(s, axis=1) * amp_scale)
     correction = tl.exp2(row_max - new_max)
-    p = tl.exp2(s - new_max[:, None])
+    p = tl.exp2(s * amp_scale - new_max[:, None])
     row_sum = row_sum * correction + tl.sum(p, axis=1)
     acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, new_max, row_sum
 
 
 @triton.jit
-def _tapa_fwd_kernel(Q, K, V, O, LSE,
+def _tapa_fwd_kernel(Q, K, V, O, LSE, W,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                     H, Tq, Tk, alpha, amp_scale, phase_scale,
+                     H, Tq, Tk, amp_scale,
                      D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                      BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
@@ -245,7 +254,7 @@ def _tapa_fwd_kernel(Q, K, V, O, LSE,
     # loaded zero-padded to a power of two, so both tl.dot calls see legal shapes (>= 16).
     q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
     q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
-    sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale  # used by the linear phase only
+    sq = tl.sum(q_p.to(tl.float32), axis=1)  # used by the linear phase only
 
     row_max = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -260,14 +269,14 @@ def _tapa_fwd_kernel(Q, K, V, O, LSE,
     end = tl.minimum(first + BLOCK_M, Tk)
     for start_n in range(0, unmasked_end, BLOCK_N):
         acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
-                                          K_base, V_base, stride_kt, stride_vt, start_n, Tk,
-                                          alpha, amp_scale, phase_scale, D_A, D_P, D,
-                                          BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, False, DOT_PREC)
+                                          K_base, V_base, W, stride_kt, stride_vt, start_n, Tk, amp_scale,
+                                          D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC,
+                                          False, DOT_PREC)
     for start_n in range(unmasked_end, end, BLOCK_N):
         acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
-                                          K_base, V_base, stride_kt, stride_vt, start_n, Tk,
-                                          alpha, amp_scale, phase_scale, D_A, D_P, D,
-                                          BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, True, DOT_PREC)
+                                          K_base, V_base, W, stride_kt, stride_vt, start_n, Tk, amp_scale,
+                                          D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC,
+                                          True, DOT_PREC)
 
     # Normalize once at the end (FlashAttention-2 defers the division), and save the log-sum-exp
     # (base 2, matching the exp2 logits) so the backward can rebuild probabilities as exp2(s - lse).
@@ -282,34 +291,34 @@ def _tapa_fwd_kernel(Q, K, V, O, LSE,
 # With P = softmax probabilities, dO the incoming gradient and Delta[m] = sum_d dO[m,d] * O[m,d]:
 #   dV     = P^T @ dO
 #   dS     = P * (dO @ V^T - Delta)                      (the softmax backward, FlashAttention's form)
-# and through S = A * cos(angle), angle = 2*pi * w * phi, w = |m-n|^alpha:
-#   dA     = dS * cos(angle)
-#   dphi   = -dS * A * sin(angle) * 2*pi * w
-#   dq_A = dA @ k_A / sqrt(d_A)       dk_A = dA^T @ q_A / sqrt(d_A)
-#   quadratic: dq_P = dphi @ k_P / sqrt(d_P),   dk_P = dphi^T @ q_P / sqrt(d_P)
-#   linear:    every phase dim of q[m] gets rowsum(dphi)[m] / sqrt(d_P), of k[n] colsum(dphi)[n] / sqrt(d_P)
+# and through S = a / sqrt(d_A) * cos(2*pi * w * b), with the raw dot products a = q_A.k_A and
+# b = q_P.k_P (linear phase: b = sum(q_P) + sum(k_P)) and w = |m-n|^alpha / sqrt(d_P):
+#   dS/da  = cos(angle) / sqrt(d_A)
+#   dS/db  = -a * sin(angle) * w * 2*pi / sqrt(d_A)
+#   dq_A = (dS * dS/da) @ k_A          dk_A = (dS * dS/da)^T @ q_A
+#   quadratic: dq_P = (dS * dS/db) @ k_P,   dk_P = (dS * dS/db)^T @ q_P
+#   linear:    every phase dim of q[m] gets the row sum of dS * dS/db, of k[n] the column sum
+# The constant factors 1/sqrt(d_A) and -2*pi/sqrt(d_A) multiply the accumulated dQ and dK once at the
+# end, not every score.
 
 
 @triton.jit
-def _bwd_elementwise(amp, phi, dist, keep, lse, delta, dp, alpha, amp_scale, phase_scale,
-                     CAUSAL_MASK: tl.constexpr):
+def _bwd_elementwise(amp, phi, w, keep, lse, delta, dp, amp_scale, CAUSAL_MASK: tl.constexpr):
     """The elementwise heart of the backward, for one recomputed tile in either orientation
     (queries x keys in the dQ kernel, keys x queries in the dK/dV kernel; lse and delta come in
-    broadcast to the tile). Inputs: amp = q_A.k_A * log2(e)/sqrt(d_A) and phi, computed as in the
-    forward, so P below matches the probabilities the forward used; dp = dO.v.
-    Returns P and the gradients w.r.t. the two raw dot products: g_amp for q_A.k_A, g_phase for
-    q_P.k_P (or, linear phase, for the sums of q_P and of k_P)."""
-    turns, w = _phase_turns(phi, dist, alpha)
-    cos_a, sin_a = _cos_sin_2pi(turns)
+    broadcast to the tile). Inputs: the raw dot products amp = q_A.k_A and phi = q_P.k_P (or the
+    linear phase's sum), the distance weights w, as in the forward, so P below matches the
+    probabilities the forward used; dp = dO.v.
+    Returns P and the gradients w.r.t. the two raw dot products without their constant factors
+    (see above): g_amp for q_A.k_A, g_phase for q_P.k_P (or, linear phase, for the sums)."""
+    cos_a, sin_a = _cos_sin_2pi(w * phi)
     s = amp * cos_a
     if CAUSAL_MASK:
         s = tl.where(keep, s, float('-inf'))
-    p = tl.exp2(s - lse)  # masked entries: exp2(-inf) = 0, so their dS is 0 below
+    p = tl.exp2(s * amp_scale - lse)  # masked entries: exp2(-inf) = 0, so their dS is 0 below
     ds = p * (dp - delta)
-    # amp_scale = log2(e)/sqrt(d_A): times ln 2 gives back 1/sqrt(d_A), and turns `amp` back into
-    # the natural amplitude A. The constant factors are multiplied once, not per score.
-    g_amp = (ds * cos_a) * (amp_scale * LN2)
-    g_phase = (ds * amp) * (sin_a * w) * (-LN2 * TWO_PI * phase_scale)
+    g_amp = ds * cos_a
+    g_phase = (ds * amp) * (sin_a * w)
     return p, g_amp, g_phase
 
 
@@ -325,7 +334,7 @@ def _dot_phase_grad(g, x, DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
 
 @triton.jit
 def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO_base, LSE_base, DELTA_base,
-               DQ_base, stride_qt, stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale, phase_scale,
+               DQ_base, W, stride_qt, stride_dot, stride_dqt, Tq, Tk, shift, amp_scale,
                D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
@@ -341,22 +350,24 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
     lse = tl.load(LSE_base + offs_m, mask=offs_m < Tq, other=0.0)
     delta = tl.load(DELTA_base + offs_m, mask=offs_m < Tq, other=0.0)
 
-    amp_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PREC) * amp_scale
+    amp_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PREC)
     if QUADRATIC:
-        phi_t = tl.dot(k_p, tl.trans(q_p), input_precision=DOT_PREC) * phase_scale
+        phi_t = tl.dot(k_p, tl.trans(q_p), input_precision=DOT_PREC)
     else:
-        sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
+        sq = tl.sum(q_p.to(tl.float32), axis=1)
         # "+ amp_t * 0": gives phi the register layout of the matmul output amp_t. Without it Triton
         # keeps phi in the layout of the broadcast sums and computes the elementwise chain below
         # twice, once per layout: 76 instead of 58 instructions per score in this kernel's main loop
         # (bfloat16, head dim 64, sm_90; `python tests/test_tapa_triton_compile.py --worker --sass`).
         phi_t = sk[:, None] + sq[None, :] + amp_t * 0.0
     pos_m = offs_m + shift
-    dist_t = pos_m.to(tl.float32)[None, :] - offs_n.to(tl.float32)[:, None]
     keep_t = (offs_n[:, None] <= pos_m[None, :]) & (offs_n[:, None] < Tk)
+    # row n (a key), column m = pos_m[0] + i (a query) are at distance (pos_m[0] - n) + i
+    w_t = _distance_weights(W + (start_m + shift - offs_n).to(tl.int64), tl.arange(0, BLOCK_M).to(tl.int64),
+                            keep_t, CAUSAL_MASK)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    p_t, g_amp_t, g_phase_t = _bwd_elementwise(amp_t, phi_t, dist_t, keep_t, lse[None, :], delta[None, :],
-                                               dp_t, alpha, amp_scale, phase_scale, CAUSAL_MASK)
+    p_t, g_amp_t, g_phase_t = _bwd_elementwise(amp_t, phi_t, w_t, keep_t, lse[None, :], delta[None, :],
+                                               dp_t, amp_scale, CAUSAL_MASK)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dk_a += tl.dot(g_amp_t.to(q_a.dtype), q_a, input_precision=DOT_PREC)
     if QUADRATIC:
@@ -367,6 +378,7 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
         # The single-pass backward: dQ from this same tile (dQ += dS k, through the transposed tile),
         # added with atomics to a float32 buffer that every key block of these queries adds to. That
         # saves the dQ kernel, which would recompute the whole elementwise chain of every tile.
+        # (The constant factors of dQ are applied to the whole buffer afterwards.)
         _atomic_add_rows(DQ_base, tl.dot(tl.trans(g_amp_t.to(k_a.dtype)), k_a, input_precision=DOT_PREC),
                          offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
         if QUADRATIC:
@@ -378,12 +390,12 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
 
 
 @triton.jit
-def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
+def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, W, DK, DV, DQ,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                           stride_dqb, stride_dqh, stride_dqt,
-                          H, Tq, Tk, alpha, amp_scale, phase_scale,
+                          H, Tq, Tk, amp_scale,
                           D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                           BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
@@ -405,7 +417,7 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     k_a = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
     k_p = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
     v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
-    sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale  # linear phase only
+    sk = tl.sum(k_p.to(tl.float32), axis=1)  # linear phase only
 
     dk_a = tl.zeros([BLOCK_N, BLOCK_DA], dtype=tl.float32)
     dk_p = tl.zeros([BLOCK_N, BLOCK_DP], dtype=tl.float32)  # quadratic phase
@@ -424,29 +436,29 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     masked_end = tl.maximum(tl.minimum(masked_end, Tq), lo)
     for start_m in range(lo, masked_end, BLOCK_M):
         dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
-                                         Q_base, DO_base, LSE_base, DELTA_base, DQ_base, stride_qt,
-                                         stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale,
-                                         phase_scale, D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
+                                         Q_base, DO_base, LSE_base, DELTA_base, DQ_base, W, stride_qt,
+                                         stride_dot, stride_dqt, Tq, Tk, shift, amp_scale,
+                                         D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
                                          QUADRATIC, True, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
     for start_m in range(masked_end, Tq, BLOCK_M):
         dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
-                                         Q_base, DO_base, LSE_base, DELTA_base, DQ_base, stride_qt,
-                                         stride_dot, stride_dqt, Tq, Tk, shift, alpha, amp_scale,
-                                         phase_scale, D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
+                                         Q_base, DO_base, LSE_base, DELTA_base, DQ_base, W, stride_qt,
+                                         stride_dot, stride_dqt, Tq, Tk, shift, amp_scale,
+                                         D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
                                          QUADRATIC, False, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
 
+    # the constant factors of dS/da and dS/db (see above): amp_scale * ln 2 = 1/sqrt(d_A)
     DK_base = DK + b * stride_dkb + h * stride_dkh
-    _store_rows(DK_base, dk_a, offs_n, Tk, stride_dkt, 0, BLOCK_DA, D_A)
-    if QUADRATIC:
-        _store_rows(DK_base, dk_p, offs_n, Tk, stride_dkt, D_A, BLOCK_DP, D_P)
-    else:  # the same value for every phase dim of key n
-        _store_rows(DK_base, dk_p + dsk[:, None], offs_n, Tk, stride_dkt, D_A, BLOCK_DP, D_P)
+    _store_rows(DK_base, dk_a * (amp_scale * LN2), offs_n, Tk, stride_dkt, 0, BLOCK_DA, D_A)
+    if not QUADRATIC:  # the same value for every phase dim of key n
+        dk_p += dsk[:, None]
+    _store_rows(DK_base, dk_p * (amp_scale * LN2 * -TWO_PI), offs_n, Tk, stride_dkt, D_A, BLOCK_DP, D_P)
     _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, Tk, stride_dvt, 0, BLOCK_D, D)
 
 
 @triton.jit
-def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_base, V_base,
-             stride_kt, stride_vt, Tk, alpha, amp_scale, phase_scale,
+def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_base, V_base, W,
+             stride_kt, stride_vt, Tk, amp_scale,
              D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
              BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
@@ -456,17 +468,18 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
     k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
     k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
     v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
-    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC) * amp_scale
+    amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if QUADRATIC:
-        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC) * phase_scale
+        phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC)
     else:
-        sk = tl.sum(k_p.to(tl.float32), axis=1) * phase_scale
+        sk = tl.sum(k_p.to(tl.float32), axis=1)
         phi = sq[:, None] + sk[None, :] + amp * 0.0  # "+ amp * 0": see _dkdv_step
     keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < Tk)
+    w = _distance_weights(W + (pos_m - start_n).to(tl.int64), -tl.arange(0, BLOCK_N).to(tl.int64), keep,
+                          CAUSAL_MASK)  # as in the forward
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    dist = pos_m.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]
-    p, g_amp, g_phase = _bwd_elementwise(amp, phi, dist, keep, lse[:, None],
-                                         delta[:, None], dp, alpha, amp_scale, phase_scale, CAUSAL_MASK)
+    p, g_amp, g_phase = _bwd_elementwise(amp, phi, w, keep, lse[:, None], delta[:, None], dp, amp_scale,
+                                         CAUSAL_MASK)
     dq_a += tl.dot(g_amp.to(k_a.dtype), k_a, input_precision=DOT_PREC)
     if QUADRATIC:
         dq_p += _dot_phase_grad(g_phase, k_p, DOT_PREC, PHASE_GRAD_F32)
@@ -476,11 +489,11 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
 
 
 @triton.jit
-def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, W, DQ,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        H, Tq, Tk, alpha, amp_scale, phase_scale,
+                        H, Tq, Tk, amp_scale,
                         D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                         BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
@@ -499,7 +512,7 @@ def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     pos_m = offs_m + (Tk - Tq)
     q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
     q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
-    sq = tl.sum(q_p.to(tl.float32), axis=1) * phase_scale
+    sq = tl.sum(q_p.to(tl.float32), axis=1)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, Tq, stride_dot, 0, BLOCK_D, D)
     lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
@@ -513,21 +526,21 @@ def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     end = tl.minimum(first + BLOCK_M, Tk)
     for start_n in range(0, unmasked_end, BLOCK_N):
         dq_a, dq_p, dsq = _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n,
-                                   K_base, V_base, stride_kt, stride_vt, Tk, alpha, amp_scale, phase_scale,
+                                   K_base, V_base, W, stride_kt, stride_vt, Tk, amp_scale,
                                    D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, False,
                                    DOT_PREC, PHASE_GRAD_F32)
     for start_n in range(unmasked_end, end, BLOCK_N):
         dq_a, dq_p, dsq = _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n,
-                                   K_base, V_base, stride_kt, stride_vt, Tk, alpha, amp_scale, phase_scale,
+                                   K_base, V_base, W, stride_kt, stride_vt, Tk, amp_scale,
                                    D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, True,
                                    DOT_PREC, PHASE_GRAD_F32)
 
+    # the constant factors, as for dK
     DQ_base = DQ + b * stride_dqb + h * stride_dqh
-    _store_rows(DQ_base, dq_a, offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
-    if QUADRATIC:
-        _store_rows(DQ_base, dq_p, offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
-    else:  # the same value for every phase dim of query m
-        _store_rows(DQ_base, dq_p + dsq[:, None], offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
+    _store_rows(DQ_base, dq_a * (amp_scale * LN2), offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
+    if not QUADRATIC:  # the same value for every phase dim of query m
+        dq_p += dsq[:, None]
+    _store_rows(DQ_base, dq_p * (amp_scale * LN2 * -TWO_PI), offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
 
 
 # -----------------------------------------------------------------------------
@@ -594,10 +607,13 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, determinis
     tiles = _tile_sizes(dtype, cfg['BLOCK_D'], capability)
     launch = {}
     for name, (bm, bn, nw) in tiles.items():
+        # enable_fp_fusion: a multiply and an add become one fused multiply-add (the default up to
+        # Triton 3.9; 3.10 turns it off): a third of the elementwise instructions here are such pairs
         launch[name] = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn,
-                            num_warps=num_warps or nw, num_stages=num_stages or 2)
+                            num_warps=num_warps or nw, num_stages=num_stages or 2, enable_fp_fusion=True)
         if _INTERPRETED:  # the interpreter ignores these (and warns about some)
-            launch[name].pop('num_warps'), launch[name].pop('num_stages')
+            for option in ('num_warps', 'num_stages', 'enable_fp_fusion'):
+                launch[name].pop(option)
     return cfg, launch
 
 
@@ -616,6 +632,24 @@ def _on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# The tables of distance weights, W[d] = d^alpha / sqrt(d_P) (see _distance_weights), one per device,
+# alpha and d_P: a model calls attention with the same settings in every layer and step, so each is
+# built once (a longer sequence replaces it with a longer one; a table's start is the shorter table).
+_WEIGHT_TABLES = {}
+
+
+def _distance_table(length, alpha, d_phase, device):
+    """W[d] = d^alpha / sqrt(d_phase) for d = 0 .. length-1 or more, float32 (computed in float64, so
+    each entry is correctly rounded; 0^alpha = 0 for alpha > 0)."""
+    key = (str(device), alpha, d_phase)
+    table = _WEIGHT_TABLES.get(key)
+    if table is None or table.numel() < length:
+        d = torch.arange(length, dtype=torch.float64, device=device)
+        table = (d ** alpha / math.sqrt(d_phase)).float()
+        _WEIGHT_TABLES[key] = table
+    return table
+
+
 class _TapaAttention(torch.autograd.Function):
 
     @staticmethod
@@ -625,20 +659,24 @@ class _TapaAttention(torch.autograd.Function):
         o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
         amp_scale = LOG2E / math.sqrt(d_amp)  # amplitude logits in log2 units, for exp2
-        phase_scale = 1.0 / math.sqrt(D - d_amp)
+        # Distances reach Tk - 1, and the padding rows of a last, partial query block (computed, never
+        # stored) go up to one block further: the table covers those too.
+        longest_block = max(max(c['BLOCK_M'], c['BLOCK_N']) for c in launch.values())
+        table = _distance_table(Tk + longest_block, alpha, D - d_amp, q.device)
         grid = (triton.cdiv(Tq, launch['fwd']['BLOCK_M']), B * H)
         with _on_device(q):
-            _tapa_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                                   H, Tq, Tk, alpha, amp_scale, phase_scale, QUADRATIC=quadratic,
+            _tapa_fwd_kernel[grid](q, k, v, o, lse, table,
+                                   *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                                   H, Tq, Tk, amp_scale, QUADRATIC=quadratic,
                                    **_constants(_tapa_fwd_kernel, cfg), **launch['fwd'])
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.alpha, ctx.amp_scale, ctx.phase_scale = alpha, amp_scale, phase_scale
+        ctx.save_for_backward(q, k, v, o, lse, table)
+        ctx.d_amp, ctx.amp_scale = d_amp, amp_scale
         ctx.quadratic, ctx.cfg, ctx.launch = quadratic, cfg, launch
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, table = ctx.saved_tensors
         B, H, Tq, D = q.shape
         Tk = k.size(2)
         if do.stride(-1) != 1:
@@ -651,22 +689,24 @@ class _TapaAttention(torch.autograd.Function):
         atomic = ctx.cfg['ATOMIC_DQ']  # single pass: the dK/dV kernel also adds dQ, in float32
         dq = torch.zeros((B, H, Tq, D), device=q.device, dtype=torch.float32) if atomic else \
             torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
-        args = (ctx.alpha, ctx.amp_scale, ctx.phase_scale)
         launch = ctx.launch
         with _on_device(q):
             _tapa_bwd_dkdv_kernel[(triton.cdiv(Tk, launch['dkdv']['BLOCK_N']), B * H)](
-                q, k, v, do, lse, delta, dk, dv, dq,
+                q, k, v, do, lse, delta, table, dk, dv, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                *_strides(dq), H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
+                *_strides(dq), H, Tq, Tk, ctx.amp_scale, QUADRATIC=ctx.quadratic,
                 **_constants(_tapa_bwd_dkdv_kernel, ctx.cfg), **launch['dkdv'])
             if not atomic:
                 _tapa_bwd_dq_kernel[(triton.cdiv(Tq, launch['dq']['BLOCK_M']), B * H)](
-                    q, k, v, do, lse, delta, dq,
+                    q, k, v, do, lse, delta, table, dq,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                    H, Tq, Tk, *args, QUADRATIC=ctx.quadratic,
+                    H, Tq, Tk, ctx.amp_scale, QUADRATIC=ctx.quadratic,
                     **_constants(_tapa_bwd_dq_kernel, ctx.cfg), **launch['dq'])
+        if atomic:  # the constant factors of dQ (the dQ kernel applies them itself): see "Backward"
+            grad_scale = torch.full((D,), 1 / math.sqrt(ctx.d_amp), device=dq.device)
+            grad_scale[ctx.d_amp:] *= -2 * math.pi
+            dq = dq * grad_scale
         return dq.to(q.dtype), dk, dv, None, None, None, None, None
-
 
 
 def tapa_split(head_dim, theta):

@@ -53,6 +53,15 @@ CASES = {
                                            alpha=0.5, layout='bthd', deterministic=False),
     'quadratic_D32_fp16_single_pass': dict(B=1, H=1, Tq=37, Tk=37, D=32, theta=0.5, phase='quadratic',
                                            alpha=0.5, dtype='float16', deterministic=False),
+    # the table of distance weights surrounded by NaN: a read of any entry outside the range the
+    # kernels are meant to read (distances 0 .. Tk - 1, and up to a block further for the padding rows
+    # of a partial last block, which still enter dK and dV with dO = 0) shows as NaN in the result
+    'quadratic_Tq<Tk_poisoned_table': dict(B=1, H=1, Tq=21, Tk=53, D=32, theta=0.5, phase='quadratic',
+                                          alpha=0.5, block_m=16, block_n=32, poisoned_table=True),
+    'linear_decode_poisoned_table': dict(B=1, H=2, Tq=1, Tk=45, D=32, theta=0.5, phase='linear', alpha=0.5,
+                                         block_m=32, block_n=16, poisoned_table=True),
+    'quadratic_single_pass_poisoned_table': dict(B=1, H=1, Tq=50, Tk=50, D=32, theta=0.5, phase='quadratic',
+                                                 alpha=0.5, deterministic=False, poisoned_table=True),
 }
 # Largest error allowed, relative to the largest magnitude of the float64 reference. float32 matches
 # it to ~3e-5 (as does model.py's own float32 path), float16 inputs to ~5e-4 (probabilities and
@@ -71,11 +80,24 @@ def forward_backward(fn, tensors, grad_out):
 
 
 def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, block_n=16, layout='bhtd',
-             deterministic=True):
+             deterministic=True, poisoned_table=False):
     """Worker side: the kernel's output and gradients against the float64 reference, as relative errors."""
     import torch
+    import tapa_triton
     from model import tapa_attention
     from tapa_triton import tapa_attention_triton
+    if poisoned_table:
+        real_table = tapa_triton._distance_table
+
+        def poisoned(length, *args):  # the same entries, as a view into a buffer of NaN
+            padded = torch.full((length + 2048,), float('nan'))
+            padded[1024:1024 + length] = real_table(length, *args)[:length]
+            return padded[1024:]
+        tapa_triton._distance_table = poisoned
+        try:
+            return run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype, block_m, block_n, layout, deterministic)
+        finally:
+            tapa_triton._distance_table = real_table
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(1234)
 

@@ -42,6 +42,7 @@ ALL_CASES = [(cap, dtype, D, phase) for cap in ((7, 5), (8, 0), (8, 6), (9, 0))
 
 
 TENSOR_ARGS = ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')  # the kernels' tensors in the input dtype
+FLOAT32_ARGS = ('LSE', 'DELTA', 'W')  # and those in float32 (log-sum-exp, Delta, distance weights)
 
 
 def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_registers=False, report_sass=False):
@@ -63,31 +64,31 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
     if not atomic_dq:  # the single-pass backward has no dQ kernel
         kernels.append(('dq', tt._tapa_bwd_dq_kernel))
     for name, kernel in kernels:
-        block_m, block_n, num_warps, num_stages = (launch[name][key] for key in
-                                                   ('BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'))
+        block_m, block_n = launch[name]['BLOCK_M'], launch[name]['BLOCK_N']
+        options = {key: launch[name][key] for key in ('num_warps', 'num_stages', 'enable_fp_fusion')}
         constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(kernel.arg_names):
-            if arg in TENSOR_ARGS or arg in ('LSE', 'DELTA') or arg.startswith('stride'):
+            if arg in TENSOR_ARGS or arg in FLOAT32_ARGS or arg.startswith('stride'):
                 # what Triton assumes at run time of tensors' pointers and strides that are multiples
                 # of 16 (as in every model here): with it, loads become 16-byte vector loads
                 attrs[(i,)] = [['tt.divisibility', 16]]
             if arg in constants:
                 signature[arg] = 'constexpr'
                 constexprs[(i,)] = constants[arg]
-            elif arg in ('LSE', 'DELTA') or (arg == 'DQ' and atomic_dq):  # dQ's atomic buffer is float32
+            elif arg in FLOAT32_ARGS or (arg == 'DQ' and atomic_dq):  # dQ's atomic buffer is float32
                 signature[arg] = '*fp32'
             elif arg in TENSOR_ARGS:  # the tensors in the input dtype
                 signature[arg] = pointer
-            elif arg in ('alpha', 'amp_scale', 'phase_scale'):
+            elif arg == 'amp_scale':
                 signature[arg] = 'fp32'
             else:  # strides, H, Tq, Tk
                 signature[arg] = 'i32'
         target = GPUTarget('cuda', cap[0] * 10 + cap[1], 32)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=target,
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+                                  options=options)
         ptx = compiled.asm['ptx']
-        out = dict(tiles=[block_m, block_n, num_warps], cubin_bytes=len(compiled.asm['cubin']),
+        out = dict(tiles=[block_m, block_n, options['num_warps']], cubin_bytes=len(compiled.asm['cubin']),
                    shared_bytes=compiled.metadata.shared,
                    mma=len(re.findall(r'\bmma\.sync', ptx)), wgmma=len(re.findall(r'\bwgmma\.mma_async', ptx)),
                    fma=len(re.findall(r'\bfma\.rn\.f32', ptx)),
@@ -95,7 +96,7 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
         if report_registers:
             out.update(ptxas_report(ptx, cap))
         if report_sass:
-            out.update(loop_instructions(compiled.asm['cubin'], block_m * block_n // (32 * num_warps)))
+            out.update(loop_instructions(compiled.asm['cubin'], block_m * block_n // (32 * options['num_warps'])))
         results[name] = out
     return results
 

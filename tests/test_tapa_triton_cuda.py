@@ -122,6 +122,27 @@ def test_kernel_matches_float64(name, dtype):
             f"bound {BOUND[dtype]:.0e}")
 
 
+@pytest.mark.parametrize('Tq,Tk', [(1000, 1000), (300, 1000), (1, 2048)])
+@pytest.mark.parametrize('deterministic', [True, False])
+def test_reads_only_its_table_entries(monkeypatch, Tq, Tk, deterministic):
+    """The table of distance weights surrounded by NaN (as in test_tapa_triton.py, here at the GPU's
+    own tile sizes): a read outside the entries the kernels are meant to read shows as NaN."""
+    real_table = tapa_triton._distance_table
+
+    def poisoned(length, *args):
+        padded = torch.full((length + 2048,), float('nan'), device='cuda')
+        padded[1024:1024 + length] = real_table(length, *args)[:length]
+        return padded[1024:]
+    monkeypatch.setattr(tapa_triton, '_distance_table', poisoned)
+    g = torch.Generator(device='cuda').manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 64, device='cuda', generator=g).bfloat16().requires_grad_()
+               for T in (Tq, Tk, Tk))
+    out = tapa_triton.tapa_attention_triton(q, k, v, 0.1, 0.5, deterministic=deterministic)
+    out.backward(torch.randn_like(out))
+    for name, t in (('out', out), ('dq', q.grad), ('dk', k.grad), ('dv', v.grad)):
+        assert torch.isfinite(t).all(), f"{name} has NaN: a read outside the table's valid entries"
+
+
 def test_cos_sin_of_turns_on_the_gpu():
     """The kernels' cos/sin of 2*pi*t (an exact reduction to one turn, then the GPU's special-function
     unit) against float64, from a fraction of a turn to 10^4 turns: within 1e-6, where a plain float32

@@ -644,8 +644,11 @@ def _distance_table(length, alpha, d_phase, device):
     key = (str(device), alpha, d_phase)
     table = _WEIGHT_TABLES.get(key)
     if table is None or table.numel() < length:
-        d = torch.arange(length, dtype=torch.float64, device=device)
-        table = (d ** alpha / math.sqrt(d_phase)).float()
+        # a normal tensor even when first built under torch.inference_mode(): a later training step
+        # saves it for its backward, which autograd refuses for an inference-mode tensor
+        with torch.inference_mode(False):
+            d = torch.arange(length, dtype=torch.float64, device=device)
+            table = (d ** alpha / math.sqrt(d_phase)).float()
         _WEIGHT_TABLES[key] = table
     return table
 

@@ -135,6 +135,23 @@ def trig_errors():
     return errors
 
 
+def inference_mode_then_training():
+    """Worker side: the first call under torch.inference_mode() builds (and caches) the table of
+    distance weights; a later training call saves it for its backward. None if that works, else the
+    error."""
+    import torch
+    from tapa_triton import tapa_attention_triton
+    q, k, v = (torch.randn(1, 1, 20, 32) for _ in range(3))
+    try:
+        with torch.inference_mode():
+            tapa_attention_triton(q, k, v, 0.37, 0.5)  # an alpha no other case uses: a fresh table
+        q.requires_grad_()
+        tapa_attention_triton(q, k, v, 0.37, 0.5).sum().backward()
+    except RuntimeError as e:
+        return repr(e)
+    return None
+
+
 def interpreter_problem():
     """Worker side: None if this Triton's interpreter can run a loop whose bound is computed from
     tl.program_id, as every kernel here does; else why not. (Triton 3.6's interpreter turns such a
@@ -162,7 +179,7 @@ def worker():
     if problem:
         print(json.dumps({'interpreter_problem': problem}))
         return
-    results = {'trig': trig_errors()}
+    results = {'trig': trig_errors(), 'inference_mode_then_training': inference_mode_then_training()}
     for name, case in CASES.items():
         t0 = time.time()
         results[name] = run_case(**case)
@@ -202,6 +219,11 @@ def test_cos_sin_of_turns(interpreted):
     by tests/test_tapa_triton_cuda.py."""
     for key, err in interpreted['trig'].items():
         assert err < 1e-6, f"{key}: error {err:.2e}"
+
+
+@needs_triton
+def test_inference_mode_then_training(interpreted):
+    assert interpreted['inference_mode_then_training'] is None, interpreted['inference_mode_then_training']
 
 
 # ---------------------------------------------------------------------------

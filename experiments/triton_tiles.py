@@ -104,7 +104,7 @@ def main():
         first = (d['BLOCK_M'], d['BLOCK_N'], d.get('num_warps', 4), d.get('num_stages', 2))
         for bm, bn, nw, ns in [first] + [c for c in CANDIDATES[name] if c != first]:
             launch = {n: dict(c) for n, c in default.items()}
-            launch[tiles_of] = dict(BLOCK_M=bm, BLOCK_N=bn,
+            launch[tiles_of] = dict(d, BLOCK_M=bm, BLOCK_N=bn,  # the other options as the default's
                                     **(dict(num_warps=nw, num_stages=ns) if 'num_warps' in d else {}))
             try:
                 if name == 'fwd':

@@ -562,12 +562,13 @@ def _tile_sizes(dtype, block_d, capability):
     and two gradients), so its tiles are smaller. The 16-bit tiles for head dims 64 and 128 are the
     fastest of experiments/triton_tiles.py's candidates on an H200 (Hopper), timed with an earlier
     version of the kernels (e.g. 4 warps instead of 8: -25% for dK/dV at head dim 64, -50% forward
-    and -30% dQ at 128); the rest were picked by compiling
-    for sm_75, sm_80, sm_86 and sm_90 and reading ptxas's register report and the instructions per
-    score, not by timing (float32 at head dim 128: 4 warps, 40% fewer instructions per score than 8).
-    `python tests/test_tapa_triton_compile.py --worker --all --sass` prints both. With Triton 3.9 and
-    the alignment Triton assumes at run time, on sm_80, sm_86 and sm_90 at head dims 64 and 128,
-    bfloat16 and float16 spill nothing (both phases), float32 up to 148 bytes (dQ, head dim 128)."""
+    and -30% dQ at 128); the rest were picked by compiling for sm_75 ... sm_90 and reading ptxas's
+    register report and the instructions per score, not by timing (float32 at head dim 128: 4 warps,
+    40% fewer instructions per score than 8). `python tests/test_tapa_triton_compile.py --worker --all
+    --sass` prints both. With Triton 3.9 and the alignment Triton assumes at run time, at head dims 64
+    and 128 on sm_80 ... sm_120 (every kernel within the consumer cards' 99 KB of shared memory: <= 78 KB),
+    bfloat16 and float16 spill at most 4 bytes (sm_120; nothing on the others), float32 up to 148
+    bytes (dQ, head dim 128)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))

@@ -79,6 +79,17 @@ def forward_backward(fn, tensors, grad_out):
     return [out.detach().double()] + [t.grad.double() for t in leaves]
 
 
+def surrounded_by_nan(distance_table):
+    """A stand-in for tapa_triton._distance_table: the same entries, as a view into a buffer of NaN,
+    so that a kernel reading outside them gets NaN (tests/test_tapa_triton_cuda.py uses it too)."""
+    def table(length, alpha, d_phase, device):
+        import torch
+        padded = torch.full((length + 2048,), float('nan'), device=device)
+        padded[1024:1024 + length] = distance_table(length, alpha, d_phase, device)[:length]
+        return padded[1024:]
+    return table
+
+
 def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, block_n=16, layout='bhtd',
              deterministic=True, poisoned_table=False):
     """Worker side: the kernel's output and gradients against the float64 reference, as relative errors."""
@@ -88,12 +99,7 @@ def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, 
     from tapa_triton import tapa_attention_triton
     if poisoned_table:
         real_table = tapa_triton._distance_table
-
-        def poisoned(length, *args):  # the same entries, as a view into a buffer of NaN
-            padded = torch.full((length + 2048,), float('nan'))
-            padded[1024:1024 + length] = real_table(length, *args)[:length]
-            return padded[1024:]
-        tapa_triton._distance_table = poisoned
+        tapa_triton._distance_table = surrounded_by_nan(real_table)
         try:
             return run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype, block_m, block_n, layout, deterministic)
         finally:

@@ -127,13 +127,8 @@ def test_kernel_matches_float64(name, dtype):
 def test_reads_only_its_table_entries(monkeypatch, Tq, Tk, deterministic):
     """The table of distance weights surrounded by NaN (as in test_tapa_triton.py, here at the GPU's
     own tile sizes): a read outside the entries the kernels are meant to read shows as NaN."""
-    real_table = tapa_triton._distance_table
-
-    def poisoned(length, *args):
-        padded = torch.full((length + 2048,), float('nan'), device='cuda')
-        padded[1024:1024 + length] = real_table(length, *args)[:length]
-        return padded[1024:]
-    monkeypatch.setattr(tapa_triton, '_distance_table', poisoned)
+    from test_tapa_triton import surrounded_by_nan
+    monkeypatch.setattr(tapa_triton, '_distance_table', surrounded_by_nan(tapa_triton._distance_table))
     g = torch.Generator(device='cuda').manual_seed(0)
     q, k, v = (torch.randn(2, 3, T, 64, device='cuda', generator=g).bfloat16().requires_grad_()
                for T in (Tq, Tk, Tk))

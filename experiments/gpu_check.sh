@@ -56,7 +56,7 @@ step errors 150 python3 tests/test_tapa_triton_cuda.py
 step bench 240 python3 bench.py --impls rope_sdpa,nope_sdpa,tapa_naive,tapa_triton --repeats 10 \
     --out "$LOG_DIR/bench.json"
 train tapa
-step tiles_64 150 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16
+step tiles_64 200 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16
 step bench_128 120 python3 bench.py --impls rope_sdpa,tapa_triton --head_dim 128 --n_head 8 --lengths 2048,8192,16384 \
     --repeats 10 --out "$LOG_DIR/bench_128.json"
 train rope

@@ -27,18 +27,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import tapa_triton as tt  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts query rows, BLOCK_N key columns; the
-# forward and dQ keep a block of queries and stream keys, dK/dV keeps a block of keys and streams queries.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]). BLOCK_M counts query rows, BLOCK_N key
+# columns; the forward and dQ keep a block of queries and stream keys, dK/dV keeps a block of keys and
+# streams queries. maxnreg caps the registers per thread, so that more warps fit on an SM (65536
+# registers: at 255 per thread, 8 warps; at 168, 12; at 128, 16) to hide latency, at the price of
+# some spills (ptxas's report: `python tests/test_tapa_triton_compile.py --worker --all`).
 CANDIDATES = {
     'fwd':  [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2),
-             (128, 32, 4, 2), (64, 32, 4, 2), (128, 128, 8, 2), (32, 32, 4, 2)],
+             (128, 32, 4, 2), (64, 32, 4, 2), (128, 128, 8, 2), (32, 32, 4, 2), (64, 64, 4, 2, 128)],
     'dkdv': [(32, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2),
-             (16, 64, 4, 2), (32, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
+             (16, 64, 4, 2), (32, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 2), (32, 64, 4, 2, 168),
+             (16, 64, 4, 2, 168)],
     'dq':   [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
-             (32, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (32, 16, 4, 2)],
+             (32, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (32, 16, 4, 2), (64, 32, 4, 2, 128)],
     # the single-pass backward: the dK/dV kernel's tiles; more keys per program, fewer dQ atomics
     'single': [(32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2),
-               (16, 64, 4, 2), (32, 32, 4, 2)],
+               (16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2, 168)],
 }
 
 
@@ -89,7 +93,8 @@ def main():
     # FLOPs counted as for FlashAttention: causal forward 4 * B * H * L^2 * D / 2 (QK^T and PV), the
     # backward 2.5x that (its recomputation not counted)
     fwd_flops = 2 * B * H * L * L * D
-    print(f"{'kernel':6s} {'BLOCK_M':>7s} {'BLOCK_N':>7s} {'warps':>5s} {'stages':>6s} {'ms':>9s} {'vs default':>10s} {'TFLOP/s':>8s}")
+    print(f"{'kernel':6s} {'BLOCK_M':>7s} {'BLOCK_N':>7s} {'warps':>5s} {'stages':>6s} {'maxnreg':>7s} {'ms':>9s} "
+          f"{'vs default':>10s} {'TFLOP/s':>8s}")
     # 'single': the single-pass backward (deterministic=False), the dK/dV kernel adding dQ with
     # atomics; its rows are compared with the default two-kernel backward
     cfg_single, _ = tt._launch_config(q, d_amp, None, None, None, None, deterministic=False)
@@ -102,10 +107,12 @@ def main():
         tiles_of = 'dkdv' if name == 'single' else name  # the single pass runs in the dK/dV kernel
         d = default[tiles_of]  # (under TRITON_INTERPRET=1 it has no num_warps / num_stages)
         first = (d['BLOCK_M'], d['BLOCK_N'], d.get('num_warps', 4), d.get('num_stages', 2))
-        for bm, bn, nw, ns in [first] + [c for c in CANDIDATES[name] if c != first]:
+        for bm, bn, nw, ns, *maxnreg in [first] + [c for c in CANDIDATES[name] if c != first]:
             launch = {n: dict(c) for n, c in default.items()}
             launch[tiles_of] = dict(d, BLOCK_M=bm, BLOCK_N=bn,  # the other options as the default's
-                                    **(dict(num_warps=nw, num_stages=ns) if 'num_warps' in d else {}))
+                                    **(dict(num_warps=nw, num_stages=ns) if 'num_warps' in d else {}),
+                                    **(dict(maxnreg=maxnreg[0]) if maxnreg else {}))
+            regs = str(maxnreg[0]) if maxnreg else '-'
             try:
                 if name == 'fwd':
                     with torch.no_grad():
@@ -116,10 +123,12 @@ def main():
                     ms = backward_ms(lambda: tt._apply(q, k, v, args.alpha, d_amp, quadratic, kernel_cfg, launch))
                     flops = 2.5 * fwd_flops
             except Exception as e:  # noqa: BLE001 - e.g. triton's OutOfResources (shared memory)
-                print(f"{name:6s} {bm:7d} {bn:7d} {nw:5d} {ns:6d}   failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                print(f"{name:6s} {bm:7d} {bn:7d} {nw:5d} {ns:6d} {regs:>7s}   failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:80]}")
                 continue
             base_ms = base_ms or ms  # the first row of each kernel is its default
-            print(f"{name:6s} {bm:7d} {bn:7d} {nw:5d} {ns:6d} {ms:9.3f} {ms / base_ms:10.2f} {flops / ms / 1e9:8.1f}", flush=True)
+            print(f"{name:6s} {bm:7d} {bn:7d} {nw:5d} {ns:6d} {regs:>7s} {ms:9.3f} {ms / base_ms:10.2f} "
+                  f"{flops / ms / 1e9:8.1f}", flush=True)
 
 
 if __name__ == '__main__':

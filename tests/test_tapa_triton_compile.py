@@ -66,7 +66,7 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
         kernels.append(('dq', tt._tapa_bwd_dq_kernel))
     for name, kernel in kernels:
         block_m, block_n = launch[name]['BLOCK_M'], launch[name]['BLOCK_N']
-        options = {key: launch[name][key] for key in ('num_warps', 'num_stages', 'enable_fp_fusion')}
+        options = {key: launch[name][key] for key in ('num_warps', 'num_stages', 'enable_fp_fusion', 'maxnreg') if key in launch[name]}
         constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(kernel.arg_names):

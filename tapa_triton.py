@@ -333,6 +333,20 @@ def _dot_phase_grad(g, x, DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
 
 
 @triton.jit
+def _store_qk_grad(ptr, g_amp, g_phase, g_phase_sum, rows, n_rows, stride_row, amp_scale,
+                   D_A: tl.constexpr, D_P: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr,
+                   QUADRATIC: tl.constexpr):
+    """Store dK (or dQ) of a block of rows from what the loop accumulated without the constant
+    factors (see above): g_amp for the amplitude dims, g_phase (quadratic) or the per-row sum
+    g_phase_sum (linear: the same value for every phase dim) for the phase dims. The factors:
+    1/sqrt(d_A) = amp_scale * ln 2, and -2*pi/sqrt(d_A)."""
+    _store_rows(ptr, g_amp * (amp_scale * LN2), rows, n_rows, stride_row, 0, BLOCK_DA, D_A)
+    if not QUADRATIC:
+        g_phase += g_phase_sum[:, None]
+    _store_rows(ptr, g_phase * (amp_scale * LN2 * -TWO_PI), rows, n_rows, stride_row, D_A, BLOCK_DP, D_P)
+
+
+@triton.jit
 def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO_base, LSE_base, DELTA_base,
                DQ_base, W, stride_qt, stride_dot, stride_dqt, Tq, Tk, shift, amp_scale,
                D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
@@ -447,12 +461,8 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, W, DK, DV, DQ,
                                          D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
                                          QUADRATIC, False, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
 
-    # the constant factors of dS/da and dS/db (see above): amp_scale * ln 2 = 1/sqrt(d_A)
-    DK_base = DK + b * stride_dkb + h * stride_dkh
-    _store_rows(DK_base, dk_a * (amp_scale * LN2), offs_n, Tk, stride_dkt, 0, BLOCK_DA, D_A)
-    if not QUADRATIC:  # the same value for every phase dim of key n
-        dk_p += dsk[:, None]
-    _store_rows(DK_base, dk_p * (amp_scale * LN2 * -TWO_PI), offs_n, Tk, stride_dkt, D_A, BLOCK_DP, D_P)
+    _store_qk_grad(DK + b * stride_dkb + h * stride_dkh, dk_a, dk_p, dsk, offs_n, Tk, stride_dkt, amp_scale,
+                   D_A, D_P, BLOCK_DA, BLOCK_DP, QUADRATIC)
     _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, Tk, stride_dvt, 0, BLOCK_D, D)
 
 
@@ -535,12 +545,8 @@ def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, W, DQ,
                                    D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_N, QUADRATIC, True,
                                    DOT_PREC, PHASE_GRAD_F32)
 
-    # the constant factors, as for dK
-    DQ_base = DQ + b * stride_dqb + h * stride_dqh
-    _store_rows(DQ_base, dq_a * (amp_scale * LN2), offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
-    if not QUADRATIC:  # the same value for every phase dim of query m
-        dq_p += dsq[:, None]
-    _store_rows(DQ_base, dq_p * (amp_scale * LN2 * -TWO_PI), offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
+    _store_qk_grad(DQ + b * stride_dqb + h * stride_dqh, dq_a, dq_p, dsq, offs_m, Tq, stride_dqt, amp_scale,
+                   D_A, D_P, BLOCK_DA, BLOCK_DP, QUADRATIC)
 
 
 # -----------------------------------------------------------------------------

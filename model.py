@@ -356,100 +356,105 @@ class ChunkedTAPA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, d_amp, phase, chunk_size):
-        B, H, Tq, D = q.shape
-        Tk = k.size(-2)
-        q_start = Tk - Tq  # absolute position of the first query
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
-        weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype)
-        key_chunk = _key_chunk(chunk_size, Tq)
-        out = torch.empty(B, H, Tq, D, device=q.device, dtype=acc_dtype)
-        lse = torch.empty(B * H, Tq, 1, device=q.device, dtype=acc_dtype)
-        for i0 in range(0, Tq, chunk_size):
-            i1 = min(i0 + chunk_size, Tq)
-            m0 = q_start + i0      # absolute position of this block's first query
-            last_visible = m0 + (i1 - i0)  # keys [0, last_visible) can be seen by some query here
-            row_max = torch.full((B * H, i1 - i0, 1), float('-inf'), device=q.device, dtype=acc_dtype)
-            row_sum = torch.zeros((B * H, i1 - i0, 1), device=q.device, dtype=acc_dtype)
-            acc = torch.zeros((B * H, i1 - i0, D), device=q.device, dtype=acc_dtype)
-            for j0 in range(0, last_visible, key_chunk):
-                j1 = min(j0 + key_chunk, last_visible)
-                window = (slice(0, i1 - i0), slice(j0 + Tk - m0, j1 + Tk - m0))  # see tapa_tile_tables
-                amplitude, angle = _tapa_tile(q_amp[:, i0:i1], q_phase[:, i0:i1], k_amp[:, j0:j1],
-                                              k_phase[:, j0:j1], weights[window], phase)
-                s = amplitude.mul_(angle.cos_())  # the scores, Eq. 12
-                if j1 - 1 > m0:  # this tile crosses the diagonal: mask the future keys
-                    s.masked_fill_(future[window], float('-inf'))
-                new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-                p = s.sub_(new_max).exp_()
-                correction = (row_max - new_max).exp_()
-                row_sum.mul_(correction).add_(p.sum(-1, keepdim=True))
-                acc.mul_(correction).baddbmm_(p, v[:, j0:j1])  # acc = acc * correction + p @ v
-                row_max = new_max
-            out.view(B * H, Tq, D)[:, i0:i1] = acc.div_(row_sum)
-            lse[:, i0:i1] = row_max + row_sum.log()
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size = alpha, d_amp, phase, chunk_size
-        return out.to(q.dtype)
+        # The tiles are computed in float32 (float64 for float64 inputs) whatever the input dtype.
+        # Under autocast, torch.bmm would run in bfloat16 or float16 instead, and the in-place
+        # float32 updates below (baddbmm_) would refuse its output: autocast stays off in here.
+        with torch.autocast(q.device.type, enabled=False):
+            B, H, Tq, D = q.shape
+            Tk = k.size(-2)
+            q_start = Tk - Tq  # absolute position of the first query
+            acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
+            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype)
+            key_chunk = _key_chunk(chunk_size, Tq)
+            out = torch.empty(B, H, Tq, D, device=q.device, dtype=acc_dtype)
+            lse = torch.empty(B * H, Tq, 1, device=q.device, dtype=acc_dtype)
+            for i0 in range(0, Tq, chunk_size):
+                i1 = min(i0 + chunk_size, Tq)
+                m0 = q_start + i0      # absolute position of this block's first query
+                last_visible = m0 + (i1 - i0)  # keys [0, last_visible) can be seen by some query here
+                row_max = torch.full((B * H, i1 - i0, 1), float('-inf'), device=q.device, dtype=acc_dtype)
+                row_sum = torch.zeros((B * H, i1 - i0, 1), device=q.device, dtype=acc_dtype)
+                acc = torch.zeros((B * H, i1 - i0, D), device=q.device, dtype=acc_dtype)
+                for j0 in range(0, last_visible, key_chunk):
+                    j1 = min(j0 + key_chunk, last_visible)
+                    window = (slice(0, i1 - i0), slice(j0 + Tk - m0, j1 + Tk - m0))  # see tapa_tile_tables
+                    amplitude, angle = _tapa_tile(q_amp[:, i0:i1], q_phase[:, i0:i1], k_amp[:, j0:j1],
+                                                  k_phase[:, j0:j1], weights[window], phase)
+                    s = amplitude.mul_(angle.cos_())  # the scores, Eq. 12
+                    if j1 - 1 > m0:  # this tile crosses the diagonal: mask the future keys
+                        s.masked_fill_(future[window], float('-inf'))
+                    new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
+                    p = s.sub_(new_max).exp_()
+                    correction = (row_max - new_max).exp_()
+                    row_sum.mul_(correction).add_(p.sum(-1, keepdim=True))
+                    acc.mul_(correction).baddbmm_(p, v[:, j0:j1])  # acc = acc * correction + p @ v
+                    row_max = new_max
+                out.view(B * H, Tq, D)[:, i0:i1] = acc.div_(row_sum)
+                lse[:, i0:i1] = row_max + row_sum.log()
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size = alpha, d_amp, phase, chunk_size
+            return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        alpha, d_amp, phase, chunk_size = ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size
-        B, H, Tq, D = q.shape
-        Tk = k.size(-2)
-        q_start = Tk - Tq
-        acc_dtype = out.dtype
-        q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
-        weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype)
-        key_chunk = _key_chunk(chunk_size, Tq)
-        grad_out = grad_out.reshape(B * H, Tq, D).to(acc_dtype)
-        # softmax backward needs rowsum(dO * O) = sum_n P[m,n] * dP[m,n]
-        delta = (grad_out * out.view(B * H, Tq, D)).sum(-1, keepdim=True)
-        # gradients w.r.t. the (scaled) parts of _tapa_parts; the chain rule back to q, k is at the end
-        dq_amp, dq_phase = torch.zeros_like(q_amp), torch.zeros_like(q_phase)
-        dk_amp, dk_phase, dv = torch.zeros_like(k_amp), torch.zeros_like(k_phase), torch.zeros_like(v)
-        for i0 in range(0, Tq, chunk_size):
-            i1 = min(i0 + chunk_size, Tq)
-            m0 = q_start + i0
-            do_i, lse_i, delta_i = grad_out[:, i0:i1], lse[:, i0:i1], delta[:, i0:i1]
-            for j0 in range(0, m0 + (i1 - i0), key_chunk):
-                j1 = min(j0 + key_chunk, m0 + (i1 - i0))
-                window = (slice(0, i1 - i0), slice(j0 + Tk - m0, j1 + Tk - m0))
-                weight = weights[window]
-                amplitude, angle = _tapa_tile(q_amp[:, i0:i1], q_phase[:, i0:i1], k_amp[:, j0:j1],
-                                              k_phase[:, j0:j1], weight, phase)
-                cos = angle.cos()
-                amplitude_sin = angle.sin_().mul_(amplitude)
-                p = amplitude.mul_(cos)  # the scores (amplitude's own values are no longer needed)
-                if j1 - 1 > m0:
-                    p.masked_fill_(future[window], float('-inf'))
-                p.sub_(lse_i).exp_()  # the probabilities of this tile
-                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)
-                ds = torch.bmm(do_i, v[:, j0:j1].transpose(1, 2)).sub_(delta_i).mul_(p)  # dL/dscore
-                d_amplitude = cos.mul_(ds)
-                # dL/dphi = -ds * amplitude * sin(angle) * weight; we keep it without its minus sign
-                # (one pass fewer) and subtract in the matmuls below (alpha=-1)
-                minus_d_phi = amplitude_sin.mul_(ds).mul_(weight)
-                dq_amp[:, i0:i1].baddbmm_(d_amplitude, k_amp[:, j0:j1])
-                dk_amp[:, j0:j1].baddbmm_(d_amplitude.transpose(1, 2), q_amp[:, i0:i1])
-                if phase == 'quadratic':
-                    dq_phase[:, i0:i1].baddbmm_(minus_d_phi, k_phase[:, j0:j1], alpha=-1)
-                    dk_phase[:, j0:j1].baddbmm_(minus_d_phi.transpose(1, 2), q_phase[:, i0:i1], alpha=-1)
-                else:  # linear: phi = q_sum + k_sum
-                    dq_phase[:, i0:i1] -= minus_d_phi.sum(-1, keepdim=True)
-                    dk_phase[:, j0:j1] -= minus_d_phi.sum(-2)[..., None]
-        # back through the scalings of _tapa_parts (and, for 'linear', through the sums)
-        d_phase = D - d_amp
-        dq_amp /= math.sqrt(d_amp)
-        if phase == 'quadratic':
-            dq_phase *= 2 * math.pi / math.sqrt(d_phase)
-        else:
-            dq_phase = (dq_phase * (2 * math.pi / math.sqrt(d_phase))).expand(-1, -1, d_phase)
-            dk_phase = (dk_phase * (2 * math.pi / math.sqrt(d_phase))).expand(-1, -1, d_phase)
-        dq = torch.cat((dq_amp, dq_phase), dim=-1).view(B, H, Tq, D)
-        dk = torch.cat((dk_amp, dk_phase), dim=-1).view(B, H, Tk, D)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, H, Tk, D).to(v.dtype), None, None, None, None
+        with torch.autocast(grad_out.device.type, enabled=False):  # see forward
+            q, k, v, out, lse = ctx.saved_tensors
+            alpha, d_amp, phase, chunk_size = ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size
+            B, H, Tq, D = q.shape
+            Tk = k.size(-2)
+            q_start = Tk - Tq
+            acc_dtype = out.dtype
+            q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
+            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype)
+            key_chunk = _key_chunk(chunk_size, Tq)
+            grad_out = grad_out.reshape(B * H, Tq, D).to(acc_dtype)
+            # softmax backward needs rowsum(dO * O) = sum_n P[m,n] * dP[m,n]
+            delta = (grad_out * out.view(B * H, Tq, D)).sum(-1, keepdim=True)
+            # gradients w.r.t. the (scaled) parts of _tapa_parts; the chain rule back to q, k is at the end
+            dq_amp, dq_phase = torch.zeros_like(q_amp), torch.zeros_like(q_phase)
+            dk_amp, dk_phase, dv = torch.zeros_like(k_amp), torch.zeros_like(k_phase), torch.zeros_like(v)
+            for i0 in range(0, Tq, chunk_size):
+                i1 = min(i0 + chunk_size, Tq)
+                m0 = q_start + i0
+                do_i, lse_i, delta_i = grad_out[:, i0:i1], lse[:, i0:i1], delta[:, i0:i1]
+                for j0 in range(0, m0 + (i1 - i0), key_chunk):
+                    j1 = min(j0 + key_chunk, m0 + (i1 - i0))
+                    window = (slice(0, i1 - i0), slice(j0 + Tk - m0, j1 + Tk - m0))
+                    weight = weights[window]
+                    amplitude, angle = _tapa_tile(q_amp[:, i0:i1], q_phase[:, i0:i1], k_amp[:, j0:j1],
+                                                  k_phase[:, j0:j1], weight, phase)
+                    cos = angle.cos()
+                    amplitude_sin = angle.sin_().mul_(amplitude)
+                    p = amplitude.mul_(cos)  # the scores (amplitude's own values are no longer needed)
+                    if j1 - 1 > m0:
+                        p.masked_fill_(future[window], float('-inf'))
+                    p.sub_(lse_i).exp_()  # the probabilities of this tile
+                    dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)
+                    ds = torch.bmm(do_i, v[:, j0:j1].transpose(1, 2)).sub_(delta_i).mul_(p)  # dL/dscore
+                    d_amplitude = cos.mul_(ds)
+                    # dL/dphi = -ds * amplitude * sin(angle) * weight; we keep it without its minus sign
+                    # (one pass fewer) and subtract in the matmuls below (alpha=-1)
+                    minus_d_phi = amplitude_sin.mul_(ds).mul_(weight)
+                    dq_amp[:, i0:i1].baddbmm_(d_amplitude, k_amp[:, j0:j1])
+                    dk_amp[:, j0:j1].baddbmm_(d_amplitude.transpose(1, 2), q_amp[:, i0:i1])
+                    if phase == 'quadratic':
+                        dq_phase[:, i0:i1].baddbmm_(minus_d_phi, k_phase[:, j0:j1], alpha=-1)
+                        dk_phase[:, j0:j1].baddbmm_(minus_d_phi.transpose(1, 2), q_phase[:, i0:i1], alpha=-1)
+                    else:  # linear: phi = q_sum + k_sum
+                        dq_phase[:, i0:i1] -= minus_d_phi.sum(-1, keepdim=True)
+                        dk_phase[:, j0:j1] -= minus_d_phi.sum(-2)[..., None]
+            # back through the scalings of _tapa_parts (and, for 'linear', through the sums)
+            d_phase = D - d_amp
+            dq_amp /= math.sqrt(d_amp)
+            if phase == 'quadratic':
+                dq_phase *= 2 * math.pi / math.sqrt(d_phase)
+            else:
+                dq_phase = (dq_phase * (2 * math.pi / math.sqrt(d_phase))).expand(-1, -1, d_phase)
+                dk_phase = (dk_phase * (2 * math.pi / math.sqrt(d_phase))).expand(-1, -1, d_phase)
+            dq = torch.cat((dq_amp, dq_phase), dim=-1).view(B, H, Tq, D)
+            dk = torch.cat((dk_amp, dk_phase), dim=-1).view(B, H, Tk, D)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, H, Tk, D).to(v.dtype), None, None, None, None
 
 
 def _tapa_parts(q, k, v, d_amp, phase, dtype):
@@ -595,8 +600,10 @@ class CausalSelfAttention(nn.Module):
         cfg, Tq, Tk = self.config, q.size(2), k.size(2)
         if cfg.pos_encoding == 'tapa':
             if self.tapa_phase_scaled:  # phi is bilinear in (q_P, k_P) ('quadratic') or linear in both
-                q = q * self.tapa_dim_scale
-                k = k * self.tapa_dim_scale if cfg.tapa_phase == 'linear' else k
+                # (back to q's dtype: under autocast q is bfloat16 and the float32 scale would make it
+                # float32, while k and v stay bfloat16, which the fused kernel refuses)
+                q = (q * self.tapa_dim_scale).to(q.dtype)
+                k = (k * self.tapa_dim_scale).to(k.dtype) if cfg.tapa_phase == 'linear' else k
             impl = pick_tapa_impl(cfg.attn_impl, q.device, Tq, Tk)
             return tapa_attention(q, k, v, cfg.tapa_alpha, cfg.tapa_theta, cfg.tapa_phase, impl)
         impl = 'naive' if cfg.attn_impl == 'naive' else 'auto'

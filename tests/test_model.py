@@ -122,6 +122,36 @@ def test_chunked_tapa_works_in_bfloat16():
     assert (out.float() - ref).abs().max() < 0.1
 
 
+@pytest.mark.parametrize('kw', [dict(attn_impl='naive'), dict(attn_impl='chunked'),
+                                dict(attn_impl='chunked', tapa_phase_scale=0.05),
+                                dict(attn_impl='naive', tapa_phase='linear', tapa_phase_scale=0.05)],
+                         ids=lambda kw: '-'.join(str(v) for v in kw.values()))
+def test_tapa_model_trains_under_bfloat16_autocast(kw, monkeypatch):
+    """train.py runs the model under autocast on a GPU (bfloat16 or float16). q, k, v must reach the
+    attention in one dtype (the fused kernel refuses a mix), and each path must give float32's loss
+    and gradients up to bfloat16's rounding. (The CPU autocast stands in for the GPU's here.)"""
+    import model as model_module
+    seen = []
+    real = model_module.tapa_attention
+    monkeypatch.setattr(model_module, 'tapa_attention', lambda q, k, v, *a: seen.append((q.dtype, k.dtype, v.dtype))
+                        or real(q, k, v, *a))
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config(pos_encoding='tapa', block_size=64, **kw))
+    if kw.get('tapa_phase_scale'):
+        gpt.set_tapa_phase_ramp(1.0)  # q (and k for 'linear') are rescaled before the attention
+    idx = torch.randint(0, 61, (2, 40))  # 40 x 40 scores: above 'auto's naive size, so chunked runs chunked
+    weight = gpt.transformer.h[0].attn.c_attn.weight
+    _, loss32 = gpt(idx, targets=idx)
+    grad32, = torch.autograd.grad(loss32, weight)
+    seen.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss16 = gpt(idx, targets=idx)
+    grad16, = torch.autograd.grad(loss16, weight)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+    assert abs(loss16.item() - loss32.item()) < 1e-2 * loss32.item()
+    assert ((grad16 - grad32).norm() / grad32.norm()).item() < 3e-2
+
+
 # ---------------------------------------------------------------------------
 # invalid TAPA settings
 

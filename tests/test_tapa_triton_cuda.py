@@ -178,6 +178,30 @@ def test_model_uses_the_kernel_and_agrees(phase):
     assert rel < 1e-3, f"gradient relative difference {rel:.2e}"
 
 
+@pytest.mark.parametrize('phase', ['quadratic', 'linear'])
+def test_model_under_autocast_uses_the_kernel(phase):
+    """As train.py runs it on a GPU: bfloat16 autocast, attn_impl='auto' (the kernel), the small-model
+    phase scaling on (q, and k for 'linear', rescaled in float32 before the kernel must get them back
+    in bfloat16, k and v's dtype). Loss and gradients as the float32 model's, up to bfloat16."""
+    import model
+    torch.manual_seed(0)
+    cfg = model.GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=512, vocab_size=256, bias=False,
+                          pos_encoding='tapa', tapa_phase=phase, tapa_phase_scale=0.05)
+    gpt = model.GPT(cfg).cuda()
+    gpt.set_tapa_phase_ramp(1.0)
+    x = torch.randint(0, 256, (2, 512), device='cuda')
+    assert model.pick_tapa_impl('auto', x.device, 512, 512) == 'triton'
+    _, loss32 = gpt(x, x)
+    grads32 = torch.autograd.grad(loss32, list(gpt.parameters()))
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        _, loss16 = gpt(x, x)
+    grads16 = torch.autograd.grad(loss16, list(gpt.parameters()))
+    assert abs(loss16.item() - loss32.item()) < 1e-2 * loss32.item(), (loss16.item(), loss32.item())
+    g32, g16 = (torch.cat([g.flatten().float() for g in gs]) for gs in (grads32, grads16))
+    rel = ((g16 - g32).norm() / g32.norm()).item()
+    assert rel < 3e-2, f"gradient relative difference {rel:.2e}"
+
+
 if __name__ == '__main__':
     if not (HAS_TRITON and torch.cuda.is_available()):
         sys.exit("needs a CUDA GPU and Triton")

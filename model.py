@@ -86,6 +86,9 @@ def check_config(config):
     if config.pos_encoding == 'rope':
         if head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dims: head dim {head_dim} must be even")
+        if config.rope_scaling in ('ntk', 'dynamic_ntk') and head_dim < 4:
+            raise ValueError(f"rope_scaling={config.rope_scaling!r} rescales the base by factor^(D/(D-2)): "
+                             f"it needs a head dim of at least 4, not {head_dim}")
         if config.rope_scaling is not None and config.rope_factor < 1.0:
             raise ValueError(f"rope_factor={config.rope_factor} must be >= 1 (it is the context extension factor)")
 

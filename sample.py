@@ -55,11 +55,15 @@ def main(argv):
             prompt = f.read()
     # allow_eot: a literal '<|endoftext|>' in the prompt means "a new document starts here"
     ids = tokenizer.encode(prompt, allow_eot=True) or [tokenizer.eot_token]
-    total = len(ids) + cfg['max_new_tokens']
-    if model.config.pos_encoding == 'learned' and total > model.config.block_size:
-        raise ConfigError(f"learned position embeddings stop at block_size={model.config.block_size}, but the prompt "
-                          f"({len(ids)} tokens) plus max_new_tokens={cfg['max_new_tokens']} is {total}: lower "
-                          f"max_new_tokens (the other positional encodings have no such limit)")
+    # the model sees the prompt and every new token but the last (which is sampled, never fed back)
+    longest = len(ids) + max(cfg['max_new_tokens'] - 1, 0)
+    block_size = model.config.block_size
+    if model.config.pos_encoding == 'learned' and longest > block_size:
+        fix = (f"lower max_new_tokens to at most {block_size - len(ids) + 1}" if len(ids) <= block_size else
+               "shorten the prompt")
+        raise ConfigError(f"learned position embeddings stop at block_size={block_size}, but the prompt "
+                          f"({len(ids)} tokens) plus max_new_tokens={cfg['max_new_tokens']} needs {longest} "
+                          f"positions: {fix} (the other positional encodings have no such limit)")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, :]
 
     torch.manual_seed(cfg['seed'])

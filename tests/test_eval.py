@@ -363,3 +363,16 @@ def test_eval_passkey_end_to_end_with_learned_na(tmp_path, capsys):
     row = [line for line in stdout.splitlines() if line.startswith('| learned |')][0]
     assert row.rstrip().endswith('| n/a |')
     assert os.path.exists(prefix + '.md')
+
+
+def test_sample_with_learned_embeddings_uses_all_of_block_size(tmp_path, capsys):
+    """generate() feeds back every sampled token but the last: a prompt of P tokens plus N new ones
+    needs P + N - 1 positions, so with block_size 16 and an 8-byte prompt 9 new tokens fit, 10 do not."""
+    import sample
+    from configurator import ConfigError
+    out_dir = save_checkpoint(tiny_gpt('learned', block_size=16, sharpen=False), str(tmp_path / 'out'))
+    args = [f'--out_dir={out_dir}', '--start=abcdefgh', '--num_samples=1', '--device=cpu', '--seed=1']
+    text, = sample.main(args + ['--max_new_tokens=9'])
+    assert text.startswith('abcdefgh')
+    with pytest.raises(ConfigError, match=r'needs 17 positions: lower max_new_tokens to at most 9'):
+        sample.main(args + ['--max_new_tokens=10'])

@@ -180,6 +180,15 @@ def test_bad_names_are_rejected():
         tapa_attention(q, q[:, :, :3], q[:, :, :3], 0.1, 0.5)
 
 
+@pytest.mark.parametrize('scaling', ['ntk', 'dynamic_ntk'])
+def test_ntk_needs_a_head_dim_of_four(scaling):
+    # base * factor^(D/(D-2)) divides by zero at D = 2: refused when the model is built
+    kw = dict(pos_encoding='rope', rope_scaling=scaling, rope_factor=2.0, rope_original_block_size=8)
+    with pytest.raises(ValueError, match='head dim of at least 4'):
+        GPT(tiny_config(n_embd=4, n_head=2, **kw))
+    GPT(tiny_config(n_embd=8, n_head=2, **kw))(torch.randint(0, 61, (1, 12)))  # D = 4 runs
+
+
 # ---------------------------------------------------------------------------
 # RoPE
 

@@ -588,8 +588,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
-            # the KV cache keeps keys *before* RoPE, so a length-dependent RoPE (dynamic NTK) rotates
-            # every key with the frequencies of the current length, exactly as a full forward pass would
+            # The KV cache keeps keys *before* RoPE, so a length-dependent RoPE (dynamic NTK) rotates
+            # every key with the frequencies of the current length, as a full forward pass of the text
+            # so far would. For dynamic NTK that is exact in the first layer only: the cached keys and
+            # values of the deeper layers come from hidden states computed at the shorter lengths of
+            # earlier steps (Hugging Face's cache, which stores rotated keys, is off in every layer).
             if 'k' in cache:
                 k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
             cache['k'], cache['v'] = k, v

@@ -314,24 +314,56 @@ def kv_variants():
     out = [dict(pos_encoding=pe) for pe in PES]
     out += [dict(pos_encoding='tapa', tapa_phase='linear'), dict(pos_encoding='tapa', attn_impl='chunked')]
     out += [dict(pos_encoding='rope', rope_scaling=s, rope_factor=2.0, rope_original_block_size=8)
-            for s in ('pi', 'ntk', 'dynamic_ntk', 'yarn')]
+            for s in ('pi', 'ntk', 'yarn')]
     return out
+
+
+def position_sensitive(model):
+    """At initialization (weights ~0.02) attention is nearly uniform and barely sees positions, so a
+    wrong position would hardly show in the logits; larger q, k weights make it show."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(6.0)
+    return model
+
+
+def cached_and_prefix_logits(model, idx, prompt):
+    """Last-position logits of each step of cached decoding (the prompt at once, then one token at a
+    time), and of a full forward pass of the same text so far, without a cache."""
+    with torch.no_grad():
+        cache = model.new_kv_cache()
+        cached = [model(idx[:, :prompt], kv_cache=cache)[0]]
+        cached += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(prompt, idx.size(1))]
+        prefix = [model(idx[:, :t + 1])[0][:, -1:] for t in range(prompt - 1, idx.size(1))]
+    return torch.cat(cached, dim=1), torch.cat(prefix, dim=1)
 
 
 @pytest.mark.parametrize('kw', kv_variants(), ids=lambda kw: '-'.join(str(v) for v in kw.values()))
 def test_kv_cache_logits_equal_full_forward(kw):
     torch.manual_seed(0)
-    model = GPT(tiny_config(**kw)).eval()
+    model = position_sensitive(GPT(tiny_config(**kw)).eval())
     idx = torch.randint(0, 61, (2, 24))
-    with torch.no_grad():
-        full, _ = model(idx, targets=idx)  # logits at every position
-        cache = model.new_kv_cache()
-        cached = [model(idx[:, :10], kv_cache=cache)[0]]  # a prompt, then one token at a time
-        for t in range(10, 24):
-            cached.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
-    cached = torch.cat(cached, dim=1)  # last-position logits of each step
-    expected = torch.cat([full[:, 9:10], full[:, 10:]], dim=1)
-    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-4)
+    cached, prefix = cached_and_prefix_logits(model, idx, prompt=10)
+    torch.testing.assert_close(cached, prefix, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # causality: one full forward holds every prefix's last logits
+        full, _ = model(idx, targets=idx)
+    torch.testing.assert_close(full[:, 9:], prefix, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_ntk_kv_cache_is_exact_in_the_first_layer():
+    """Dynamic NTK's frequencies follow the current length, so a full forward of a longer text also
+    changes the earlier positions (no causality test for it). With a cache, the first layer re-rotates
+    its cached keys (exact); deeper layers keep keys and values computed at earlier lengths."""
+    kw = dict(pos_encoding='rope', rope_scaling='dynamic_ntk', rope_factor=2.0, rope_original_block_size=8)
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(1))
+    errors = []
+    for n_layer in (1, 2):
+        torch.manual_seed(0)
+        model = position_sensitive(GPT(tiny_config(n_layer=n_layer, **kw)).eval())
+        cached, prefix = cached_and_prefix_logits(model, idx, prompt=10)
+        errors.append((cached - prefix).abs().max().item())
+    assert errors[0] < 1e-4, errors
+    assert 1e-4 < errors[1] < 5e-2, errors  # the approximation: visible, and small
 
 
 def test_generate_with_cache_matches_greedy_without_cache():

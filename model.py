@@ -514,18 +514,19 @@ def tapa_attention(q, k, v, alpha, theta, phase='quadratic', impl='naive', chunk
     raise ValueError(f"unknown TAPA impl {impl!r}: use 'naive', 'chunked' or 'triton'")
 
 
-def pick_tapa_impl(requested, device, Tq, Tk):
-    """'auto' -> the fused kernel on CUDA when Triton is installed; otherwise the naive path while the
-    score matrix is small (up to 128 x 128 per head, or one query against up to 16384 keys when
-    decoding with a KV cache), where its few big ops beat the chunked path's Python loop and its
-    memory does not matter; the chunked path beyond that, with memory linear in T. (On a 2-core
-    Xeon, forward + backward: naive 7-15% faster at T = 128, chunked ~25% faster at T = 256.)"""
+def pick_tapa_impl(requested, device, Tq, Tk, head_dim, dtype):
+    """'auto' -> the fused kernel on an NVIDIA GPU when Triton is installed and takes this head dim and
+    dtype; otherwise the naive path while the score matrix is small (up to 128 x 128 per head, or one
+    query against up to 16384 keys when decoding with a KV cache), where its few big ops beat the
+    chunked path's Python loop and its memory does not matter; the chunked path beyond that, with
+    memory linear in T. (On a 2-core Xeon, forward + backward: naive 7-15% faster at T = 128, chunked
+    ~25% faster at T = 256.)"""
     if requested != 'auto':
         return requested
     if device.type == 'cuda':
         try:
             import tapa_triton
-            if tapa_triton.is_available():
+            if tapa_triton.is_available() and tapa_triton.supports(head_dim, dtype):
                 return 'triton'
         except ImportError:
             pass
@@ -610,7 +611,7 @@ class CausalSelfAttention(nn.Module):
                 # float32, while k and v stay bfloat16, which the fused kernel refuses)
                 q = (q * self.tapa_dim_scale).to(q.dtype)
                 k = (k * self.tapa_dim_scale).to(k.dtype) if cfg.tapa_phase == 'linear' else k
-            impl = pick_tapa_impl(cfg.attn_impl, q.device, Tq, Tk)
+            impl = pick_tapa_impl(cfg.attn_impl, q.device, Tq, Tk, q.size(-1), q.dtype)
             return tapa_attention(q, k, v, cfg.tapa_alpha, cfg.tapa_theta, cfg.tapa_phase, impl)
         impl = 'naive' if cfg.attn_impl == 'naive' else 'auto'
         if cfg.pos_encoding == 'rope':

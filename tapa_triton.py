@@ -75,8 +75,15 @@ except Exception as e:  # ImportError, or a broken install
 
 
 def is_available():
-    """True when the fused kernel can run here: Triton imports and a CUDA GPU is present."""
-    return _TRITON_IMPORT_ERROR is None and torch.cuda.is_available()
+    """True when the fused kernel can run here: Triton imports and an NVIDIA GPU is present. (On AMD
+    GPUs, where PyTorch also says 'cuda', Triton has no fast_cosf / fast_sinf: see _cos_sin_2pi.)"""
+    return _TRITON_IMPORT_ERROR is None and torch.cuda.is_available() and torch.version.hip is None
+
+
+def supports(head_dim, dtype):
+    """True when the kernel takes q, k, v of this head dim and dtype (tapa_attention_triton checks the
+    rest); model.pick_tapa_impl asks, so that attn_impl='auto' falls back to PyTorch otherwise."""
+    return HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1] and dtype in DTYPES
 
 
 # Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
@@ -91,6 +98,8 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / log2(e)
 TWO_PI = tl.constexpr(6.283185307179586)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, see _cos_sin_2pi
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)), and exp2 is the fast hardware instruction
+HEAD_DIMS = (16, 256)  # the head dims the kernels take (each part zero-padded to a power of two)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -579,6 +588,8 @@ def _tile_sizes(dtype, block_d, capability):
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))
     if dtype == torch.float32:  # twice the registers and shared memory per tile, 3-pass matmuls
+        if block_d > 128:  # these need 68-91 KB of shared memory; the tiles below, 143-158 KB at head
+            return dict(fwd=(16, 16, 4), dkdv=(16, 16, 4), dq=(16, 16, 4))  # dim 256 (RTX cards: 99)
         return dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4))
     if block_d <= 64:
         return dict(fwd=(64, 64, 4), dkdv=(32, 64, 4), dq=(64, 32, 4))
@@ -762,15 +773,15 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
                          f"the last Tq of the Tk positions (Tq <= Tk)")
     if Tq == 0 or B * H == 0:
         raise ValueError(f"tapa_attention_triton: empty input, q {tuple(q.shape)}")
-    if not 16 <= D <= 256:
-        raise ValueError(f"tapa_attention_triton: head dim {D} is outside the supported 16..256; "
-                         f"use attn_impl='chunked' for other sizes")
+    if not HEAD_DIMS[0] <= D <= HEAD_DIMS[1]:
+        raise ValueError(f"tapa_attention_triton: head dim {D} is outside the supported "
+                         f"{HEAD_DIMS[0]}..{HEAD_DIMS[1]}; use attn_impl='chunked' for other sizes")
     d_amp, _ = tapa_split(D, theta)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"tapa_attention_triton: alpha={alpha!r} must be a finite number > 0")
     if phase not in ('quadratic', 'linear'):
         raise ValueError(f"tapa_attention_triton: phase={phase!r} must be 'quadratic' or 'linear'")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise TypeError(f"tapa_attention_triton: q, k, v must share one dtype among float16, bfloat16, "
                         f"float32; got {q.dtype}, {k.dtype}, {v.dtype} (float64: use attn_impl='naive')")
     if not (q.device == k.device == v.device):

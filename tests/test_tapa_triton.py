@@ -285,7 +285,25 @@ def test_bad_block_size_and_shapes(tt):
 
 def test_is_available_matches_the_machine(tt):
     import torch
-    assert tt.is_available() == torch.cuda.is_available()
+    assert tt.is_available() == (torch.cuda.is_available() and torch.version.hip is None)
+
+
+def test_auto_picks_the_kernel_only_where_it_runs(tt, monkeypatch):
+    """attn_impl='auto': the kernel on an NVIDIA GPU for the head dims and dtypes it takes; PyTorch's
+    paths otherwise (an AMD GPU, which PyTorch also calls 'cuda'; head dim 8; float64)."""
+    import torch
+    import model
+    monkeypatch.setitem(sys.modules, 'tapa_triton', tt)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    gpu, cpu = torch.device('cuda'), torch.device('cpu')
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.bfloat16) == 'triton'
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 256, torch.float32) == 'triton'
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 8, torch.bfloat16) == 'chunked'
+    assert model.pick_tapa_impl('auto', gpu, 64, 64, 64, torch.float64) == 'naive'
+    assert model.pick_tapa_impl('auto', cpu, 512, 512, 64, torch.float32) == 'chunked'
+    assert model.pick_tapa_impl('naive', gpu, 512, 512, 64, torch.bfloat16) == 'naive'
+    monkeypatch.setattr(torch.version, 'hip', '6.2')
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.bfloat16) == 'chunked'
 
 
 def test_without_triton(monkeypatch):

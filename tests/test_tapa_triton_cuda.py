@@ -190,7 +190,7 @@ def test_model_under_autocast_uses_the_kernel(phase):
     gpt = model.GPT(cfg).cuda()
     gpt.set_tapa_phase_ramp(1.0)
     x = torch.randint(0, 256, (2, 512), device='cuda')
-    assert model.pick_tapa_impl('auto', x.device, 512, 512) == 'triton'
+    assert model.pick_tapa_impl('auto', x.device, 512, 512, 64, torch.bfloat16) == 'triton'
     _, loss32 = gpt(x, x)
     grads32 = torch.autograd.grad(loss32, list(gpt.parameters()))
     with torch.autocast('cuda', dtype=torch.bfloat16):

@@ -581,9 +581,10 @@ def _tile_sizes(dtype, block_d, capability):
     register report and the instructions per score, not by timing (float32 at head dim 128: 4 warps,
     40% fewer instructions per score than 8). `python tests/test_tapa_triton_compile.py --worker --all
     --sass` prints both. With Triton 3.9 and the alignment Triton assumes at run time, at head dims 64
-    and 128 on sm_80 ... sm_120 (every kernel within the consumer cards' 99 KB of shared memory: <= 78 KB),
-    bfloat16 and float16 spill at most 4 bytes (sm_120; nothing on the others), float32 up to 148
-    bytes (dQ, head dim 128)."""
+    and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 4 bytes (sm_120; nothing on the
+    others), float32 up to 148 bytes (dQ, head dim 128). Every kernel fits the consumer cards' 99 KB
+    of shared memory (at most 89 KB, float32 at head dim 256); on Turing (64 KB) all but float32 at
+    head dim 256, which no tiles here fit."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))

@@ -7,8 +7,9 @@ Every script keeps its settings as plain module-level defaults (nanoGPT style) a
 
     overrides = get_overrides(defaults, sys.argv[1:], optional_types)
 
-which returns only the settings the user actually gave, already type-checked. Arguments are
-applied left to right, so a later one wins:
+which returns only the settings the user actually gave, already type-checked. `-h` or `--help`
+prints the script's usage (pass doc=__doc__) and every setting with its default, then exits.
+Arguments are applied left to right, so a later one wins:
   - `path/to/config.py`: a python file; each top-level assignment in it is a setting.
     (Modules it imports and names starting with '_' are ignored, so a config may compute values.)
   - `--key=value`: one setting. The value is read as a python literal when it is one
@@ -102,9 +103,25 @@ def read_config_file(path):
             if not k.startswith('_') and type(v).__name__ != 'module'}
 
 
-def get_overrides(defaults, argv, optional_types=None):
+HELP_FLAGS = ('-h', '--help')
+
+
+def print_help(doc, defaults):
+    """The script's usage (its module docstring), then every setting with its default."""
+    if doc:
+        print(doc.strip('\n'))
+        print()
+    print('settings and their defaults:\n' + '\n'.join(f'  --{k}={v!r}' for k, v in defaults.items()))
+
+
+def get_overrides(defaults, argv, optional_types=None, doc=None):
     """Parse argv (config files and --key=value) against `defaults` (name -> default value).
-    Returns {name: value} for the settings given, type-checked; raises ConfigError otherwise."""
+    Returns {name: value} for the settings given, type-checked; raises ConfigError otherwise.
+    -h or --help anywhere in argv prints the usage (doc: the script's docstring) and the settings
+    with their defaults, and exits with status 0 (as argparse does), whatever else argv holds."""
+    if any(arg in HELP_FLAGS for arg in argv):
+        print_help(doc, defaults)
+        raise SystemExit(0)
     overrides = {}
     for arg in argv:
         if arg.startswith('--'):

@@ -225,7 +225,7 @@ def finetune(overrides):
 
 if __name__ == '__main__':
     try:
-        finetune(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES))
+        finetune(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES, doc=__doc__))  # -h: usage and settings
     except (ConfigError, train.TrainError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -35,24 +35,29 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isin
 
 def main(argv):
     """Print num_samples samples and return them as a list of strings."""
-    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv)}
+    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1 or cfg['temperature'] < 0 or cfg['top_k'] < 0:
         raise ConfigError("num_samples and max_new_tokens must be >= 1, temperature and top_k >= 0")
+    prompt = cfg['start']
+    if prompt.startswith('FILE:'):  # read it first: a wrong path should not wait for the checkpoint to load
+        try:
+            with open(prompt[5:], encoding='utf-8') as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--start={cfg['start']}: cannot read the prompt file {prompt[5:]!r} "
+                              f"({getattr(e, 'strerror', None) or e}); FILE: takes the path of a UTF-8 text "
+                              f"file") from None
+    dev = pick_device(cfg['device'])
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[pick_dtype(cfg['dtype'], dev)]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=dev.type, dtype=ptdtype)
     checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
     # the tokenizer the model was trained with (older checkpoints: guess it from the vocabulary size)
     tokenizer = get_tokenizer(checkpoint['config'].get('tokenizer') or
                               ('byte' if checkpoint['model_args']['vocab_size'] <= 256 else 'gpt2'))
-    dev = pick_device(cfg['device'])
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[pick_dtype(cfg['dtype'], dev)]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=dev.type, dtype=ptdtype)
     model = model_from_checkpoint(checkpoint)
     model.eval().to(dev)
     del checkpoint  # the optimizer state is big and of no use here
 
-    prompt = cfg['start']
-    if prompt.startswith('FILE:'):
-        with open(prompt[5:], encoding='utf-8') as f:
-            prompt = f.read()
     # allow_eot: a literal '<|endoftext|>' in the prompt means "a new document starts here"
     ids = tokenizer.encode(prompt, allow_eot=True) or [tokenizer.eot_token]
     # the model sees the prompt and every new token but the last (which is sampled, never fed back)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from configurator import ConfigError, allowed_types, check_value, get_overrides, unknown_key_error
 from model import GPT, GPTConfig, check_config
+from tokenizer import TOKENIZERS
 
 # -----------------------------------------------------------------------------
 # default settings, overridden by a config file and --key=value (see configurator.py)
@@ -100,6 +101,7 @@ FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num',
                    'best_val_loss', 'rng', 'format_version')
 EVAL_SEED = 2024  # the fixed evaluation batches (see estimate_loss)
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 
 class TrainError(RuntimeError):
@@ -112,16 +114,42 @@ class TrainError(RuntimeError):
 def check_settings(cfg):
     """Catch impossible settings before any work (preparing data, building the model) is done."""
     choices = {'init_from': ('scratch', 'resume'), 'compile': (True, False, 'auto'),
-               'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+               'dtype': DTYPES, 'tokenizer': tuple(sorted(TOKENIZERS))}
     for k, allowed in choices.items():
         if cfg[k] not in allowed:
             raise ConfigError(f"{k}={cfg[k]!r} must be one of {allowed}")
     for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-              'eval_iters', 'max_iters'):
+              'eval_iters', 'max_iters', 'n_layer', 'n_head', 'n_embd'):
         if cfg[k] < (0 if k == 'max_iters' else 1):
-            raise ConfigError(f"{k}={cfg[k]} is too small")
-    if cfg['decay_lr'] and cfg['lr_decay_iters'] <= cfg['warmup_iters']:
-        raise ConfigError(f"lr_decay_iters={cfg['lr_decay_iters']} must be larger than warmup_iters={cfg['warmup_iters']}")
+            raise ConfigError(f"{k}={cfg[k]} is too small (it must be at least {0 if k == 'max_iters' else 1})")
+
+    # Ranges. Outside them, some settings train silently wrong (a negative min_lr makes the end of
+    # the cosine schedule a negative learning rate: gradient ascent), others end in a traceback from
+    # deep inside torch or numpy. The comparisons are written so that a NaN fails them too.
+    def need(ok, key, rule, why):
+        if not ok:
+            raise ConfigError(f"{key}={cfg[key]!r} must be {rule} ({why})")
+    # a learning rate of 0 is allowed: steps that change nothing (a test of the plumbing may want them)
+    need(cfg['learning_rate'] >= 0, 'learning_rate', '>= 0', 'the peak learning rate; 0 changes nothing')
+    need(cfg['warmup_iters'] >= 0, 'warmup_iters', '>= 0', '0 = no warmup')
+    if cfg['decay_lr']:
+        need(0 <= cfg['min_lr'] <= cfg['learning_rate'], 'min_lr', f"within [0, learning_rate={cfg['learning_rate']:g}]",
+             'the schedule decays from learning_rate down to min_lr; learning_rate / 10 is usual')
+        if cfg['lr_decay_iters'] <= cfg['warmup_iters']:
+            raise ConfigError(f"lr_decay_iters={cfg['lr_decay_iters']} must be larger than warmup_iters={cfg['warmup_iters']}")
+    for k in ('beta1', 'beta2'):
+        need(0 <= cfg[k] < 1, k, 'within [0, 1)', "AdamW's decay rates of its gradient averages; 0.9 and 0.95-0.999 are usual")
+    need(cfg['weight_decay'] >= 0, 'weight_decay', '>= 0', '0 = none')
+    need(0 <= cfg['dropout'] < 1, 'dropout', 'within [0, 1)', 'the probability of zeroing an activation; 0 = off')
+    need(0 <= cfg['seed'] < 2**32, 'seed', 'within [0, 2**32)', "numpy's seeds are 32-bit")
+    need(cfg['out_dir'] != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
+    if cfg['pos_encoding'] == 'rope':
+        need(cfg['rope_base'] > 1, 'rope_base', '> 1', 'pair i rotates at base^(-2i/D) radians per token: '
+             'only a base above 1 gives the slower and slower rotations RoPE relies on; 10000 is usual')
+        if cfg['rope_scaling'] == 'yarn':
+            for k in ('yarn_beta_fast', 'yarn_beta_slow'):
+                need(cfg[k] > 0, k, '> 0', "YaRN's thresholds in rotations over the original context; "
+                     "32 and 1 are usual")
     try:  # the model's own checks (positional encoding names, head sizes, TAPA's split...)
         check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
@@ -161,12 +189,42 @@ def resolve_config(overrides, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES, 
     return cfg, checkpoint
 
 
+def mps_available():
+    return getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+
+
+def available_devices():
+    """The devices this machine has, for error messages: e.g. "'cpu', 'cuda' (= 'cuda:0'), 'cuda:1'"."""
+    names = ["'cpu'"]
+    if torch.cuda.is_available():
+        names += ["'cuda' (= 'cuda:0')"] + [f"'cuda:{i}'" for i in range(1, torch.cuda.device_count())]
+    if mps_available():
+        names.append("'mps'")
+    return ', '.join(names)
+
+
 def pick_device(name):
+    """'auto' = the best device present; any other name must be a device this machine has (torch
+    itself would only fail at the first tensor moved there, with an assertion about how it was built)."""
     if name != 'auto':
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"device={name!r} is not a device name; this machine has: {available_devices()} "
+                              f"(or 'auto' for the best of them)") from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}, but CUDA is not available here (no NVIDIA GPU, or a torch "
+                              f"built without CUDA). This machine has: {available_devices()}; or use 'auto'")
+        if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                              f"{available_devices()}")
+        if device.type == 'mps' and not mps_available():
+            raise ConfigError(f"device={name!r}, but MPS (Apple GPUs) is not available here. This machine has: "
+                              f"{available_devices()}; or use 'auto'")
+        return device
     if torch.cuda.is_available():
         return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+    if mps_available():
         return torch.device('mps')
     return torch.device('cpu')
 
@@ -174,6 +232,8 @@ def pick_device(name):
 def pick_dtype(name, device):
     """bfloat16 where the GPU has it (same range as float32: no loss scaling needed), else float16
     with a GradScaler on CUDA; float32 on CPU and MPS, where mixed precision rarely pays off."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not one of {DTYPES}")
     if name == 'auto':
         if device.type == 'cuda':
             return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
@@ -304,8 +364,9 @@ def save_checkpoint(checkpoint, out_dir):
     return path
 
 
-def load_checkpoint(path):
-    """Read and check a ckpt.pt written by this script (onto the CPU)."""
+def load_checkpoint(path, required=CHECKPOINT_KEYS):
+    """Read and check a ckpt.pt written by this script (onto the CPU). required: the entries it must
+    have (a script that only needs the model may ask for less than resuming does)."""
     if not os.path.exists(path):
         raise TrainError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
                          f"or point --out_dir at the folder that holds ckpt.pt")
@@ -321,7 +382,7 @@ def load_checkpoint(path):
     if 'format_version' in checkpoint and checkpoint['format_version'] != FORMAT_VERSION:
         raise TrainError(f"{path} has checkpoint format version {checkpoint['format_version']}, "
                          f"this code reads version {FORMAT_VERSION}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    missing = [k for k in required if k not in checkpoint]
     if missing:
         raise TrainError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by this train.py")
     return checkpoint
@@ -333,11 +394,37 @@ def strip_compile_prefix(state_dict):
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
+def load_weights(model, checkpoint):
+    """Load a checkpoint's weights into a model built from its model_args. They fit unless the
+    checkpoint was edited or written by another version of model.py (a renamed layer, say): then
+    say so, rather than end in load_state_dict's wall of key names."""
+    state = strip_compile_prefix(checkpoint['model'])
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [f"{k} {tuple(state[k].shape)} (the model's is {tuple(v.shape)})" for k, v in expected.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        def first(names):
+            return ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
+        details = [f"{what}: {first(names)}" for what, names in
+                   (('missing', missing), ('unexpected', unexpected), ('of another shape', resized)) if names]
+        raise TrainError(f"the checkpoint's weights do not match its model_args "
+                         f"(pos_encoding={model.config.pos_encoding!r}, n_layer={model.config.n_layer}, ...): "
+                         f"{'; '.join(details)}. Was it saved by another version of model.py, or its "
+                         f"model_args edited?")
+    model.load_state_dict(state)
+    return model
+
+
 def model_from_checkpoint(checkpoint, **config_overrides):
     """The GPT of a checkpoint, on the CPU; config_overrides change e.g. attn_impl."""
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], **config_overrides}))
-    model.load_state_dict(strip_compile_prefix(checkpoint['model']))
-    return model
+    args = {**checkpoint['model_args'], **config_overrides}
+    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise TrainError(f"the checkpoint's model_args has fields {unknown} that this model.py's GPTConfig "
+                         f"lacks: it was saved by another version of the code")
+    return load_weights(GPT(GPTConfig(**args)), checkpoint)
 
 
 def trim_log(log_path, iter_num):
@@ -405,7 +492,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     iter_num, best_val_loss, elapsed_before = 0, float('inf'), 0.0
     os.makedirs(out_dir, exist_ok=True)
     if checkpoint is not None:
-        model.load_state_dict(strip_compile_prefix(checkpoint['model']))
+        load_weights(model, checkpoint)
         optimizer.load_state_dict(checkpoint['optimizer'])
         for group in optimizer.param_groups:  # the saved betas would otherwise win over this run's
             group['betas'] = (cfg['beta1'], cfg['beta2'])
@@ -539,12 +626,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
 
 
 if __name__ == '__main__':
-    if any(a in ('-h', '--help') for a in sys.argv[1:]):
-        print(__doc__)
-        print('settings and their defaults:\n' + '\n'.join(f'  --{k}={v!r}' for k, v in DEFAULTS.items()))
-        sys.exit(0)
     try:
-        train(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES))
+        train(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES, doc=__doc__))  # -h: usage and settings
     except (ConfigError, TrainError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

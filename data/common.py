@@ -171,13 +171,19 @@ def prepare_command(data_dir):
     cmd = f"python data/{dataset}/prepare.py"
     if tokenizer in ('gpt2', 'byte'):
         cmd += f" --tokenizer {tokenizer}"
-    if dataset == 'pg19':
-        # the small local copy; leave --source out to download the full benchmark instead
+    note = ''
+    if dataset == 'pg19' and tokenizer == 'gpt2':
+        # the GPT-2 configs train a 124M model for ~2.6B tokens: they need the whole benchmark (the
+        # 60-book sample would be ~290 epochs of it), and the sample is not on every machine anyway
+        note = "   # downloads all of PG-19 (11 GB); offline, add --source DIR (a local copy of it)"
+    elif dataset == 'pg19':
+        # the tiny byte-level models: the 60-book sample next to this repository is enough; leave
+        # --source out (or point it elsewhere) to download the benchmark instead
         cmd += " --source ../shared/data/pg19_mini"
     if data_dir != os.path.join('data', dataset, tokenizer) and not data_dir.endswith(
             os.sep + os.path.join('data', dataset, tokenizer)):
         cmd += f" --out_dir {data_dir}"
-    return cmd
+    return cmd + note
 
 
 def read_meta(data_dir):

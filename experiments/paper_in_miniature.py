@@ -275,7 +275,7 @@ def plot(stages, Ls, path, marks):
 
 def main(argv):
     argv = ['--quick=True' if a == '--quick' else a for a in argv]
-    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv)}
+    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}  # -h: usage and settings
     if cfg['quick']:
         cfg.update({k: v for k, v in QUICK.items() if not any(a.startswith(f'--{k}=') for a in argv)})
     pes = [p.strip() for p in cfg['encodings'].split(',') if p.strip()]

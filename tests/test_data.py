@@ -155,6 +155,21 @@ def test_prepare_splits_and_load_split(tmp_path):
                                        'validation.bin', 'validation.docs.npy']  # no temp files
 
 
+def test_gpt2_pg19_hint_is_the_full_download(tmp_path):
+    """The GPT-2 configs train a 124M model for ~2.6B tokens: the hint must not send them to the
+    60-book sample (which exists only next to some checkouts anyway), but to the full download,
+    naming --source DIR for a local copy."""
+    cmd = common.prepare_command(str(tmp_path / 'data' / 'pg19' / 'gpt2'))
+    assert cmd.startswith("python data/pg19/prepare.py --tokenizer gpt2")
+    assert 'pg19_mini' not in cmd and '../shared' not in cmd
+    assert 'downloads all of PG-19' in cmd and '--source DIR' in cmd
+    with pytest.raises(FileNotFoundError, match=r"python data/pg19/prepare\.py --tokenizer gpt2 .*--source DIR"):
+        common.read_meta(str(tmp_path / 'data' / 'pg19' / 'gpt2'))
+    # --out_dir, when needed, comes before the note (the command stays one line to copy)
+    cmd = common.prepare_command(str(tmp_path / 'elsewhere' / 'pg19' / 'gpt2'))
+    assert cmd.index('--out_dir') < cmd.index('downloads all of PG-19')
+
+
 def test_reader_errors_name_the_prepare_command(tmp_path):
     out = str(tmp_path / 'data' / 'pg19' / 'byte')
     cmd = "python data/pg19/prepare.py --tokenizer byte --source ../shared/data/pg19_mini"

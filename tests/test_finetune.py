@@ -275,6 +275,17 @@ def test_command_line_with_config_file(tmp_path, pretrained, capsys, monkeypatch
     assert 'interpolate_learned=True' in str(e.value.code) and str(e.value.code).startswith('error:')
 
 
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_help_prints_usage_and_settings(capsys, monkeypatch, flag):
+    monkeypatch.setattr(sys, 'argv', ['finetune_long.py', flag])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, 'finetune_long.py'), run_name='__main__')
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'Long-context fine-tuning: take a pretrained checkpoint' in out
+    assert '  --factor=4.0\n' in out and '  --learning_rate=0.001\n' in out  # its own settings and train.py's
+
+
 # ---------------------------------------------------------------------------
 # the whole experiment, with tiny settings
 

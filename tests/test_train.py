@@ -357,6 +357,113 @@ def test_block_size_larger_than_the_data(tmp_path):
     train.find_data(cfg)
 
 
+@pytest.mark.parametrize('overrides, message', [
+    ({'min_lr': -1.0}, r"min_lr=-1\.0 must be within \[0, learning_rate=0\.005\]"),  # else: negative rates
+    ({'min_lr': 0.01}, r"min_lr=0\.01 must be within \[0, learning_rate=0\.005\]"),  # else: an lr that rises
+    ({'warmup_iters': -1}, r"warmup_iters=-1 must be >= 0"),
+    ({'learning_rate': -1e-3}, r"learning_rate=-0\.001 must be >= 0"),
+    ({'beta1': 1.0}, r"beta1=1\.0 must be within \[0, 1\)"),
+    ({'beta2': -0.1}, r"beta2=-0\.1 must be within \[0, 1\)"),
+    ({'weight_decay': -0.1}, r"weight_decay=-0\.1 must be >= 0"),
+    ({'dropout': 1.0}, r"dropout=1\.0 must be within \[0, 1\)"),
+    ({'dropout': -0.1}, r"dropout=-0\.1 must be within \[0, 1\)"),
+    ({'seed': -1}, r"seed=-1 must be within \[0, 2\*\*32\)"),
+    ({'seed': 2**32}, r"seed=4294967296 must be within \[0, 2\*\*32\)"),
+    ({'n_head': 0}, r"n_head=0 is too small \(it must be at least 1\)"),  # else: ZeroDivisionError
+    ({'n_embd': 0}, r"n_embd=0 is too small"),
+    ({'n_layer': -1}, r"n_layer=-1 is too small"),
+    ({'out_dir': ''}, r"out_dir='' must be a folder name"),
+    ({'tokenizer': 'bpe'}, r"tokenizer='bpe' must be one of \('byte', 'gpt2'\)"),
+    ({'pos_encoding': 'rope', 'rope_base': 1.0}, r"rope_base=1\.0 must be > 1"),
+    ({'pos_encoding': 'rope', 'rope_scaling': 'yarn', 'rope_factor': 2.0, 'yarn_beta_fast': 0.0},
+     r"yarn_beta_fast=0\.0 must be > 0"),
+    ({'pos_encoding': 'rope', 'rope_scaling': 'yarn', 'rope_factor': 2.0, 'yarn_beta_slow': -1.0},
+     r"yarn_beta_slow=-1\.0 must be > 0"),
+])
+def test_out_of_range_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train.resolve_config({**TINY, **overrides})
+
+
+def test_range_checks_apply_only_where_a_setting_is_used():
+    # RoPE's and YaRN's settings mean nothing to a TAPA model, min_lr nothing without decay_lr
+    train.resolve_config({**TINY, 'pos_encoding': 'tapa', 'rope_base': 0.5, 'yarn_beta_fast': -1.0})
+    train.resolve_config({**TINY, 'pos_encoding': 'rope', 'yarn_beta_slow': 0.0})  # no rope_scaling='yarn'
+    train.resolve_config({**TINY, 'decay_lr': False, 'min_lr': -1.0})
+    # the edges of the ranges are in them; a learning rate of 0 is a run whose steps change nothing
+    train.resolve_config({**TINY, 'learning_rate': 0.0, 'min_lr': 0.0, 'beta1': 0.0, 'dropout': 0.0,
+                          'seed': 2**32 - 1, 'warmup_iters': 0, 'weight_decay': 0.0})
+
+
+def test_unavailable_device_or_unknown_dtype_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
+    with pytest.raises(ConfigError, match=r"device='cuda', but CUDA is not available here.*'cpu'"):
+        train.pick_device('cuda')
+    with pytest.raises(ConfigError, match=r"device='cuda:1', but CUDA is not available"):
+        train.pick_device('cuda:1')
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device name.*'cpu'"):
+        train.pick_device('gpu')
+    assert train.pick_device('cpu') == torch.device('cpu') and train.pick_device('auto').type != 'cuda'
+    with pytest.raises(ConfigError, match=r"dtype='fp32' is not one of \('auto', 'float32', 'bfloat16', 'float16'\)"):
+        train.pick_dtype('fp32', torch.device('cpu'))
+
+
+def test_sample_bad_device_dtype_or_prompt_file(trained, tmp_path, monkeypatch):
+    import sample
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    args = [f'--out_dir={trained[0]}', '--num_samples=1', '--max_new_tokens=2']
+    with pytest.raises(ConfigError, match=r"device='cuda', but CUDA is not available"):
+        sample.main(args + ['--device=cuda'])
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device name"):
+        sample.main(args + ['--device=gpu'])
+    with pytest.raises(ConfigError, match=r"dtype='fp32' is not one of"):
+        sample.main(args + ['--dtype=fp32'])
+    missing = str(tmp_path / 'nonexistent.txt')
+    with pytest.raises(ConfigError, match=r"--start=FILE:.*nonexistent\.txt: cannot read the prompt file .*No such file"):
+        sample.main(args + [f'--start=FILE:{missing}'])
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'pos_encoding': 'learned'}, r"missing: transformer\.wpe\.weight"),  # learned PEs have a table
+    ({'n_layer': 1}, r"unexpected: transformer\.h\.1\."),
+    ({'n_embd': 16}, r"of another shape: transformer\.wte\.weight \(256, 32\) \(the model's is \(256, 16\)\)"),
+])
+def test_weights_that_do_not_match_model_args(tmp_path, trained, change, message):
+    """A checkpoint whose model_args were edited (or written by another model.py) does not fit its
+    weights: every loader says so, naming the first keys that differ, instead of load_state_dict's error."""
+    ckpt = train.load_checkpoint(os.path.join(trained[0], 'ckpt.pt'))
+    ckpt['model_args'] = {**ckpt['model_args'], **change}
+    with pytest.raises(train.TrainError, match=r"weights do not match its model_args.*" + message):
+        train.model_from_checkpoint(ckpt)
+    out_dir = str(tmp_path / 'out')
+    os.makedirs(out_dir)
+    torch.save(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+    with pytest.raises(train.TrainError, match=r"weights do not match its model_args.*" + message):
+        train.train({'init_from': 'resume', 'out_dir': out_dir, 'max_iters': 31})
+
+
+def test_model_args_from_another_version(trained):
+    ckpt = train.load_checkpoint(os.path.join(trained[0], 'ckpt.pt'))
+    ckpt['model_args'] = {**ckpt['model_args'], 'qk_norm': True}  # a field this model.py does not have
+    with pytest.raises(train.TrainError, match=r"model_args has fields \['qk_norm'\].*another version"):
+        train.model_from_checkpoint(ckpt)
+
+
+def test_help_prints_usage_and_settings(trained, capsys):
+    """-h or --help anywhere: the script's docstring and every setting with its default, exit status 0."""
+    import sample
+    with pytest.raises(SystemExit) as e:
+        get_overrides(train.DEFAULTS, ['--n_layer=3', '--help'], train.OPTIONAL_TYPES, doc=train.__doc__)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'Train a GPT with a pluggable positional encoding' in out and "  --n_layer=6\n" in out
+    with pytest.raises(SystemExit) as e:
+        sample.main(['-h'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'Generate text from a trained checkpoint' in out and '  --num_samples=3\n' in out
+
+
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(train.TrainError, match=r"no checkpoint at .*ckpt\.pt"):
         train.train({'init_from': 'resume', 'out_dir': str(tmp_path / 'empty')})
@@ -392,8 +499,8 @@ def test_resume_refuses_conflicting_architecture(trained):
         train.resolve_config({'init_from': 'resume', 'out_dir': out_dir, 'pos_encoding': 'rope', 'n_layer': 8})
     # repeating the checkpoint's own values is fine; other settings may change; the rest come from it
     cfg, ckpt = train.resolve_config({'init_from': 'resume', 'out_dir': out_dir, 'n_layer': 2,
-                                      'learning_rate': 1e-4, 'dropout': 0.1})
-    assert cfg['learning_rate'] == 1e-4 and cfg['dropout'] == 0.1
+                                      'learning_rate': 1e-4, 'min_lr': 1e-5, 'dropout': 0.1})
+    assert cfg['learning_rate'] == 1e-4 and cfg['min_lr'] == 1e-5 and cfg['dropout'] == 0.1
     assert cfg['batch_size'] == 8 and cfg['n_embd'] == 32 and cfg['out_dir'] == out_dir
 
 

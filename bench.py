@@ -339,8 +339,27 @@ def main():
     if args._memory_case is not None:
         return memory_case_main(json.loads(args._memory_case))
 
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    # sizes that argparse's type=int lets through but that mean nothing (0 would quietly become the
+    # default for --batch and --chunk_size, and --repeats 0 leaves nothing to take a median of)
+    for name in ('batch', 'n_head', 'head_dim', 'chunk_size', 'repeats', 'threads'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} {value}: must be at least 1")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be at least 0")
+    if args.lengths is not None:
+        try:
+            lengths = [int(x) for x in args.lengths.split(',') if x.strip()]
+        except ValueError:
+            lengths = []
+        if not lengths or min(lengths) < 1:
+            p.error(f"--lengths {args.lengths}: expected comma-separated positive integers, e.g. --lengths 512,1024")
+
+    try:
+        device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
+                              'cpu' if args.device == 'auto' else args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device name; use auto, cpu, cuda or cuda:N")
     if device.type == 'cuda' and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch.cuda.is_available() is False; use --device cpu")
     on_gpu = device.type == 'cuda'
@@ -356,8 +375,8 @@ def main():
     args.threads = torch.get_num_threads()
     if on_gpu and args.clock == 'cpu':
         sys.exit("--clock cpu measures CPU time, which says nothing about GPU kernels; use --clock wall on CUDA")
-    lengths = [int(x) for x in (args.lengths or ('512,1024,2048,4096,8192,16384' if on_gpu else
-                                                 '512,1024,2048,4096,8192')).split(',')]
+    if args.lengths is None:  # (given ones were parsed and checked above)
+        lengths = [512, 1024, 2048, 4096, 8192] + ([16384] if on_gpu else [])
     whats = args.what.split(',')
     impls = args.impls.split(',')
     for name, values, allowed in (('--what', whats, WHATS), ('--impls', impls, IMPLS)):
@@ -365,8 +384,12 @@ def main():
         if bad:
             sys.exit(f"{name}: unknown {bad}; choose from {allowed}")
     if 'tapa_triton' in impls and not (on_gpu and triton_available()):
+        impls = [i for i in impls if i != 'tapa_triton']
+        if not impls:  # nothing left to run
+            sys.exit(f"--impls tapa_triton: the Triton kernel needs a CUDA GPU and Triton (pip install triton), "
+                     f"and this run has {'no Triton' if on_gpu else 'device ' + str(device)}; "
+                     f"choose from {[i for i in IMPLS if i != 'tapa_triton']}")
         print("tapa_triton: not available here (needs CUDA and Triton), left out")
-        impls.remove('tapa_triton')
     if on_gpu:
         total = torch.cuda.get_device_properties(device).total_memory
         args.capped = args.max_mem_gb is not None and args.max_mem_gb * 2**30 < total

@@ -289,8 +289,9 @@ def evaluate(config, log=print):
         raise ValueError(f"--depths={config['depths']}: expected comma-separated fractions, e.g. 0,0.5,1") from None
     if not ds or min(ds) < 0 or max(ds) > 1:
         raise ValueError(f"--depths={config['depths']}: depths are fractions of the context, within [0, 1]")
-    if config['key_digits'] < 1 or config['num_trials'] < 1:
-        raise ValueError("--key_digits and --num_trials must be >= 1")
+    for key in ('key_digits', 'num_trials', 'batch_size', 'max_factor'):
+        if config[key] < 1:
+            raise ValueError(f"--{key}={config[key]} must be >= 1")
     if config['filler'] not in ('repeat', 'data'):
         raise ValueError(f"--filler={config['filler']}: use 'repeat' or 'data'")
     models = load_models(paths, config, log)
@@ -374,7 +375,7 @@ def evaluate(config, log=print):
 
 def main(argv):
     try:
-        config = parse_config(argv, default_config())
+        config = parse_config(argv, default_config(), __doc__)
         results = evaluate(config)
     except (ValueError, FileNotFoundError, TrainError) as e:  # bad settings, data or checkpoints
         sys.exit(f"error: {e}")

@@ -97,10 +97,11 @@ def default_config():
 # --lengths=256,512 and --ckpt=out-a,out-b need no quotes.
 
 
-def parse_config(argv, defaults):
-    """defaults updated with the config files and --key=value settings of argv."""
+def parse_config(argv, defaults, doc=None):
+    """defaults updated with the config files and --key=value settings of argv (-h/--help: print
+    doc, the script's usage, and the settings with their defaults, then exit)."""
     config = dict(defaults)
-    config.update(get_overrides(defaults, argv))
+    config.update(get_overrides(defaults, argv, doc=doc))
     return config
 
 
@@ -321,7 +322,10 @@ def load_models(paths, config, log=print):
         if unknown:
             raise ValueError(f"{p}: model_args has fields {unknown} that this model.py's GPTConfig lacks "
                              f"(a checkpoint from another version of the code?)")
-        model = model_from_checkpoint(checkpoint).eval()
+        try:
+            model = model_from_checkpoint(checkpoint).eval()
+        except TrainError as e:
+            raise TrainError(f"{p}: {e}") from None
         trained = model.config.block_size
         ignored = apply_overrides(model, config['attn_impl'], config['rope_scaling'],
                                   config['rope_factor'], config['rope_base'])
@@ -459,6 +463,13 @@ def evaluate(config, log=print):
     from tqdm import tqdm
     from data.common import load_split, read_meta
 
+    # 0 means "all" for the budgets; a negative one would quietly drop documents (eligible[:-1])
+    for key in ('max_docs', 'max_tokens_per_length'):
+        if config[key] < 0:
+            raise ValueError(f"--{key}={config[key]} must be >= 0 (0 = no limit)")
+    for key in ('max_factor', 'stride', 'batch_tokens'):
+        if config[key] < 1:
+            raise ValueError(f"--{key}={config[key]} must be >= 1")
     paths = [resolve_ckpt_path(p.strip()) for p in str(config['ckpt']).split(',') if p.strip()]
     if not paths:
         raise ValueError("--ckpt is empty: pass out_dir(s) or ckpt.pt path(s), comma-separated")
@@ -474,8 +485,6 @@ def evaluate(config, log=print):
         Ls = parse_lengths(config['lengths'])
     else:  # dyadic from each trained length up to max_factor x it, all checkpoints together
         Ls = sorted({L for m in models for L in dyadic_lengths(m['trained'], config['max_factor'])})
-    if config['stride'] < 1:
-        raise ValueError(f"--stride={config['stride']} must be >= 1")
 
     dev = pick_device(config['device'])
     autocast = autocast_for(dev, config['dtype'])
@@ -543,7 +552,7 @@ def evaluate(config, log=print):
 
 def main(argv):
     try:
-        config = parse_config(argv, default_config())
+        config = parse_config(argv, default_config(), __doc__)
         results = evaluate(config)
     except (ValueError, FileNotFoundError, TrainError) as e:  # bad settings, data or checkpoints
         sys.exit(f"error: {e}")

@@ -45,10 +45,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import train
 from configurator import ConfigError, get_overrides
-from model import (GPT, GPTConfig, alibi_bias, alibi_slopes, apply_rope, causal_mask,
-                   dot_product_attention, rope_cos_sin, rope_frequencies, tapa_distance_weight,
-                   tapa_scores, tapa_split)
+from eval_ppl import resolve_ckpt_path
+from model import (alibi_bias, alibi_slopes, apply_rope, causal_mask, dot_product_attention, rope_cos_sin,
+                   rope_frequencies, tapa_distance_weight, tapa_scores, tapa_split)
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
@@ -72,7 +73,7 @@ tapa_settings = '1.0:0.75,0.5:0.75,0.5:0.5,0.1:0.5'  # alpha:theta pairs for the
 near = '0,100'            # distance windows of the paper's Appendix I
 far = '10000,10100'
 # trained checkpoints
-ckpt = ''                 # comma-separated checkpoint paths (train.py's out_dir/ckpt.pt)
+ckpt = ''                 # comma-separated out_dirs or ckpt.pt paths of train.py runs
 device = 'cpu'
 data_dir = ''             # default: data/<dataset>/<tokenizer> from the checkpoint's training config
 split = 'validation'
@@ -309,19 +310,22 @@ def fit_loglog_slope(x, y, yerr=None):
 
 
 def load_checkpoint(path, device='cpu'):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint."""
-    if not os.path.exists(path):
-        raise SystemExit(f"checkpoint {path} not found: train one first, e.g. "
-                         f"python train.py configs/tiny_tapa.py (it writes out_dir/ckpt.pt)")
-    ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain python only
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-        raise SystemExit(f"{path} is not a train.py checkpoint (expected a dict with 'model' and 'model_args')")
-    # attn_impl='auto': a checkpoint trained with the Triton kernel must still load on a CPU (we only
-    # read q, k, v out of the model, and every implementation computes the same attention)
-    model = GPT(GPTConfig(**{**ckpt['model_args'], 'attn_impl': 'auto'}))
-    state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
+    """(model in eval mode, checkpoint dict) from an out_dir or a ckpt.pt path, as eval_ppl.py takes
+    them. Read by train.py's own loader, which explains a missing, truncated or mismatched file;
+    only the model is needed here, so a checkpoint without optimizer state is fine."""
+    try:
+        dev = train.pick_device(device)
+        path = resolve_ckpt_path(path)
+        ckpt = train.load_checkpoint(path, required=('model', 'model_args'))
+    except (FileNotFoundError, ConfigError, train.TrainError) as e:
+        raise SystemExit(str(e)) from None
+    try:
+        # attn_impl='auto': a checkpoint trained with the Triton kernel must still load on a CPU (we only
+        # read q, k, v out of the model, and every implementation computes the same attention)
+        model = train.model_from_checkpoint(ckpt, attn_impl='auto')
+    except train.TrainError as e:
+        raise SystemExit(f"{path}: {e}") from None
+    return model.to(dev).eval(), ckpt
 
 
 @torch.no_grad()
@@ -432,10 +436,9 @@ def load_tokens(ckpt_dict, data_dir_override, split_name):
     folder = data_dir_override or os.path.join('data', dataset, tokenizer)
     path = os.path.join(folder, f'{split_name}.bin')
     if not os.path.exists(path):
-        hint = f"python data/{dataset}/prepare.py --tokenizer {tokenizer}"
-        if dataset == 'pg19':
-            hint += " --source ../shared/data/pg19_mini"
-        raise SystemExit(f"no {split_name} tokens at {path}: prepare them with `{hint}`, "
+        from data.common import prepare_command  # the command train.py's errors name too
+        raise SystemExit(f"no {split_name} tokens at {path}: prepare them with\n    "
+                         f"{prepare_command(os.path.join('data', dataset, tokenizer))}\n"
                          f"or point --data_dir at a folder holding {split_name}.bin")
     return np.memmap(path, dtype=np.uint16, mode='r')
 
@@ -693,11 +696,18 @@ def ckpt_label(path, config):
     return f'{pe} [{name}]'
 
 
-def plot_checkpoints(cfg, paths, wanted):
+def check_map_settings(cfg, path, config):
+    """--map_layer and --map_head must exist in the model (negative ones count from the end)."""
+    for key, n, what in (('map_layer', config.n_layer, 'layers'), ('map_head', config.n_head, 'heads')):
+        if not -n <= cfg[key] < n:
+            raise SystemExit(f"--{key}={cfg[key]}: {path} has {n} {what}, 0..{n - 1} (or -1 for the last)")
+
+
+def plot_checkpoints(cfg, checkpoints, wanted):
+    """The figures measured on trained models; checkpoints: a list of (path, model, checkpoint dict)."""
     plt = get_pyplot()
     results = []
-    for path in paths:
-        model, ck = load_checkpoint(path, cfg['device'])
+    for path, model, ck in checkpoints:
         mc = model.config
         T = cfg['seq_len'] or mc.block_size
         if mc.pos_encoding == 'learned':
@@ -763,7 +773,7 @@ def plot_checkpoints(cfg, paths, wanted):
         fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.3), squeeze=False,
                                  constrained_layout=True)
         for ax, r in zip(axes[0], results):
-            layer = cfg['map_layer'] % len(r['map_probs'])
+            layer = cfg['map_layer'] % len(r['map_probs'])  # in range (check_map_settings): -1 = the last
             head = cfg['map_head'] % r['map_probs'][layer].size(0)
             probs = r['map_probs'][layer][head].numpy()
             probs = np.ma.masked_where(np.triu(np.ones_like(probs, dtype=bool), 1), probs)
@@ -800,12 +810,13 @@ def parse_args(argv):
     joined, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith('--') and '=' not in arg and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+        if arg.startswith('--') and '=' not in arg and arg != '--help' and i + 1 < len(argv) \
+                and not argv[i + 1].startswith('--'):
             arg, i = f"{arg}={argv[i + 1]}", i + 1
         joined.append(arg)
         i += 1
     try:
-        return {**SETTINGS, **get_overrides(SETTINGS, joined)}
+        return {**SETTINGS, **get_overrides(SETTINGS, joined, doc=__doc__)}  # -h: usage and settings
     except ConfigError as e:
         raise SystemExit(f"viz_bias.py: {e}") from None
 
@@ -819,7 +830,18 @@ def main(argv=None):
     paths = parse_list(cfg['ckpt'], str)
     if cfg['figures'] != 'all' and any(w in CKPT_FIGURES for w in wanted) and not paths:
         raise SystemExit(f"{', '.join(w for w in wanted if w in CKPT_FIGURES)} need trained checkpoints: pass --ckpt=a.pt,b.pt")
+    for key in ('n_seqs', 'map_len'):
+        if cfg[key] < 1:
+            raise SystemExit(f"--{key}={cfg[key]} must be at least 1")
     get_pyplot()  # fail early, before any computation, if matplotlib is missing
+    # the checkpoints too: a wrong path or setting should not wait for the theory figures
+    checkpoints = []
+    if paths and any(w in CKPT_FIGURES for w in wanted):
+        for p in paths:
+            model, ck = load_checkpoint(p, cfg['device'])
+            if 'attention_maps' in wanted:
+                check_map_settings(cfg, p, model.config)
+            checkpoints.append((p, model, ck))
     torch.manual_seed(cfg['seed'])
     os.makedirs(cfg['out_dir'], exist_ok=True)
     written = []
@@ -829,8 +851,8 @@ def main(argv=None):
             written.append(os.path.join(cfg['out_dir'], f'{name}.png'))
             fn(cfg, written[-1])
             print(f"wrote {written[-1]}")
-    if paths and any(w in CKPT_FIGURES for w in wanted):
-        for p in plot_checkpoints(cfg, paths, wanted):
+    if checkpoints:
+        for p in plot_checkpoints(cfg, checkpoints, wanted):
             written.append(p)
             print(f"wrote {p}")
     elif not paths:

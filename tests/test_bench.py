@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import bench  # noqa: E402
 ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')  # as bench.py runs it
 
 
@@ -75,3 +79,23 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path):
     results = {r['impl']: r for r in json.loads(out.read_text())['results']}
     assert results['rope_sdpa']['status'] == 'ok' and results['rope_sdpa']['time_ms'] > 0
     assert results['tapa_naive']['status'] == 'error' and 'cubic' in results['tapa_naive']['error']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--impls', 'tapa_triton'], 'tapa_triton: the Triton kernel needs a CUDA GPU and Triton'),
+    (['--repeats', '0'], '--repeats 0: must be at least 1'),  # else: a median of nothing
+    (['--lengths', '0'], '--lengths 0: expected comma-separated positive integers'),
+    (['--lengths', 'abc'], '--lengths abc: expected comma-separated positive integers'),
+    (['--batch', '0'], '--batch 0: must be at least 1'),  # else: quietly the default
+    (['--chunk_size', '0'], '--chunk_size 0: must be at least 1'),
+])
+def test_bad_arguments_are_clear_errors(tmp_path, monkeypatch, capsys, args, message):
+    # a tiny case, so that a check that is missing shows as a (quick) run rather than a long one
+    out = tmp_path / 'b.json'
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device', 'cpu', '--what', 'attn', '--lengths', '64', '--impls',
+                                      'rope_sdpa', '--n_head', '2', '--threads', '1', '--out', str(out)] + args)
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code != 0
+    assert message in f"{e.value.code}\n{capsys.readouterr().err}"
+    assert not out.exists()

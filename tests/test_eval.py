@@ -376,3 +376,64 @@ def test_sample_with_learned_embeddings_uses_all_of_block_size(tmp_path, capsys)
     assert text.startswith('abcdefgh')
     with pytest.raises(ConfigError, match=r'needs 17 positions: lower max_new_tokens to at most 9'):
         sample.main(args + ['--max_new_tokens=10'])
+
+
+# ---------------------------------------------------------------------------
+# bad settings: one clear error each (main turns them into an `error: ...` exit)
+
+
+@pytest.fixture
+def ckpt_and_data(tmp_path):
+    data_dir = write_split(str(tmp_path / 'data'), [np.arange(1, 40), np.arange(1, 30)])
+    return save_checkpoint(tiny_gpt('tapa'), str(tmp_path / 'out')), data_dir
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--max_tokens_per_length=-5', r"--max_tokens_per_length=-5 must be >= 0 \(0 = no limit\)"),
+    ('--max_docs=-1', r"--max_docs=-1 must be >= 0"),  # else: eligible[:-1] drops the last document
+    ('--max_factor=0', r"--max_factor=0 must be >= 1"),
+    ('--batch_tokens=0', r"--batch_tokens=0 must be >= 1"),
+])
+def test_eval_ppl_refuses_meaningless_budgets(tmp_path, ckpt_and_data, arg, message):
+    ckpt, data_dir = ckpt_and_data
+    with pytest.raises(SystemExit, match=r"^error: " + message):
+        eval_ppl.main([f'--ckpt={ckpt}', f'--data_dir={data_dir}', '--lengths=8', '--quiet=True', '--device=cpu',
+                       f'--out={tmp_path / "ppl"}', arg])
+    assert not os.path.exists(tmp_path / 'ppl.json')
+
+
+def test_eval_unavailable_device_and_mismatched_weights(tmp_path, ckpt_and_data, monkeypatch):
+    ckpt, data_dir = ckpt_and_data
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
+    args = [f'--ckpt={ckpt}', f'--data_dir={data_dir}', '--lengths=8', '--quiet=True', f'--out={tmp_path / "r"}']
+    with pytest.raises(SystemExit, match=r"^error: device='cuda', but CUDA is not available here"):
+        eval_ppl.main(args + ['--device=cuda'])
+    with pytest.raises(SystemExit, match=r"^error: device='gpu' is not a device name"):
+        eval_passkey.main(args + ['--device=gpu'])
+    # model_args that do not describe the weights (here: a TAPA model relabelled as learned)
+    checkpoint = torch.load(os.path.join(ckpt, 'ckpt.pt'), weights_only=True)
+    checkpoint['model_args']['pos_encoding'] = 'learned'
+    torch.save(checkpoint, os.path.join(ckpt, 'ckpt.pt'))
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt\.pt: the checkpoint's weights do not match its "
+                                         r"model_args.*missing: transformer\.wpe\.weight"):
+        eval_ppl.main(args + ['--device=cpu'])
+
+
+def test_eval_passkey_refuses_a_zero_batch(tmp_path, ckpt_and_data):
+    ckpt, _ = ckpt_and_data
+    with pytest.raises(SystemExit, match=r"^error: --batch_size=0 must be >= 1"):
+        eval_passkey.main([f'--ckpt={ckpt}', '--lengths=110', '--num_trials=1', '--quiet=True', '--device=cpu',
+                           '--batch_size=0', f'--out={tmp_path / "pk"}'])
+
+
+@pytest.mark.parametrize('script, first_line, setting', [
+    (eval_ppl, 'Long-context perplexity: how well', '  --max_factor=16\n'),
+    (eval_passkey, 'Passkey retrieval: can a model fetch', '  --num_trials=5\n'),
+])
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_help_prints_usage_and_settings(capsys, script, first_line, setting, flag):
+    with pytest.raises(SystemExit) as e:
+        script.main([flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert first_line in out and 'settings and their defaults:' in out and setting in out

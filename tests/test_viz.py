@@ -201,6 +201,55 @@ def test_missing_inputs_give_clear_errors(tmp_path):
         vb.main(['--figures=delta_hist', f'--out_dir={tmp_path}'])
 
 
+def test_checkpoint_as_out_dir_and_unreadable_ones(tmp_path):
+    """--ckpt takes out_dirs, as eval_ppl.py does; a truncated file or weights that do not fit their
+    model_args are a message, not a traceback."""
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    path = save_tiny_checkpoint(str(out_dir / 'ckpt.pt'), 'rope')
+    model, ck = vb.load_checkpoint(str(out_dir))
+    assert model.config.pos_encoding == 'rope' and not model.training
+    for k, v in ck['model'].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with open(path, 'rb') as f:
+        raw = f.read()
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(SystemExit, match=r"cannot read the checkpoint .*truncated\.pt.*truncated or corrupt"):
+        vb.load_checkpoint(str(truncated))
+    ck['model_args']['pos_encoding'] = 'learned'
+    torch.save(ck, str(tmp_path / 'relabelled.pt'))
+    with pytest.raises(SystemExit, match=r"relabelled\.pt: .*weights do not match .*transformer\.wpe\.weight"):
+        vb.load_checkpoint(str(tmp_path / 'relabelled.pt'))
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--n_seqs=0', r"--n_seqs=0 must be at least 1"),
+    ('--map_layer=2', r"--map_layer=2: .*ckpt\.pt has 2 layers, 0\.\.1 \(or -1 for the last\)"),
+    ('--map_layer=-3', r"--map_layer=-3: .* has 2 layers"),
+    ('--map_head=5', r"--map_head=5: .* has 2 heads, 0\.\.1"),
+])
+def test_out_of_range_settings(tmp_path, arg, message):
+    pytest.importorskip('matplotlib', reason='matplotlib is optional (plots only): pip install matplotlib')
+    ckpt = save_tiny_checkpoint(str(tmp_path / 'ckpt.pt'), 'tapa')
+    data = tmp_path / 'data'
+    data.mkdir()
+    np.arange(1, 200, dtype=np.uint16).tofile(data / 'validation.bin')
+    with pytest.raises(SystemExit, match=message):
+        vb.main([f'--out_dir={tmp_path / "figs"}', f'--ckpt={ckpt}', f'--data_dir={data}', '--figures=attention_maps',
+                 '--map_len=8', '--seq_len=16', arg])
+    assert not (tmp_path / 'figs' / 'attention_maps.png').exists()
+
+
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_help_prints_usage_and_settings(capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        vb.main([flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'Pictures of the distance bias' in out and '  --n_seqs=8\n' in out
+
+
 def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # makes `import matplotlib` fail
     with pytest.raises(SystemExit, match='pip install matplotlib'):

@@ -354,6 +354,12 @@ def pre_softmax_scores(config, q, k):
     pe = config.pos_encoding
     if pe == 'tapa':
         d_amp, _ = tapa_split(D, config.tapa_theta)
+        if config.tapa_phase_scale != 1.0:  # the small-model setting scales phi, as the model does it
+            # (CausalSelfAttention.attend): the phase dims of q, and of k for the linear phase
+            scale = torch.ones(D, device=q.device)
+            scale[d_amp:] = config.tapa_phase_scale
+            q = q * scale
+            k = k * scale if config.tapa_phase == 'linear' else k
         weight = tapa_distance_weight(0, T, 0, T, config.tapa_alpha, q.device)
         scores, _, _ = tapa_scores(q, k, weight, d_amp, config.tapa_phase)
         return scores.float()

@@ -133,6 +133,7 @@ def tiny_config(pos_encoding, **kw):
 
 @pytest.mark.parametrize('pos_encoding, extra', [
     ('tapa', {}), ('tapa', dict(tapa_phase='linear', tapa_theta=0.25)), ('rope', {}),
+    ('tapa', dict(tapa_phase_scale=0.05)), ('tapa', dict(tapa_phase_scale=0.05, tapa_phase='linear')),
     ('rope', dict(rope_scaling='yarn', rope_factor=4.0, rope_original_block_size=16)),
     ('alibi', {}), ('nope', {}), ('learned', {}),
 ])
@@ -140,6 +141,9 @@ def test_scores_reproduce_the_attention_output(pos_encoding, extra):
     """softmax(our pre-softmax scores) @ v must equal what each attention block fed to c_proj."""
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding, **extra)).eval()
+    with torch.no_grad():  # larger q, k than at init: angles and scores far from 0, so that a missing
+        for block in model.transformer.h:  # scale or a wrong position would show
+            block.attn.c_attn.weight.mul_(8.0)
     idx = torch.randint(0, 256, (2, 24))
     inputs_to_proj = []
     handles = [b.attn.c_proj.register_forward_pre_hook(lambda m, inp: inputs_to_proj.append(inp[0]))

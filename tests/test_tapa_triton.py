@@ -40,6 +40,8 @@ CASES = {
     'quadratic_D96_decode':  dict(B=2, H=1, Tq=1, Tk=40, D=96, theta=0.5, phase='quadratic', alpha=0.5),
     'quadratic_D64_default_tiles': dict(B=1, H=1, Tq=100, Tk=100, D=64, theta=0.5, phase='quadratic',
                                         alpha=0.1, block_m=None, block_n=None),
+    'quadratic_D256_default_tiles': dict(B=1, H=1, Tq=40, Tk=40, D=256, theta=0.5, phase='quadratic',
+                                         alpha=0.5, block_m=None, block_n=None),  # float32: 16 x 16 tiles
     'quadratic_D32_strided': dict(B=2, H=2, Tq=13, Tk=22, D=32, theta=0.5, phase='quadratic', alpha=0.5,
                                   layout='bthd'),
     'quadratic_D32_fp16':    dict(B=1, H=1, Tq=37, Tk=37, D=32, theta=0.5, phase='quadratic', alpha=0.5,

@@ -152,9 +152,13 @@ def memory_case_main(spec):
     args = argparse.Namespace(**spec['args'])
     torch.set_num_threads(args.threads)
     device, dtype = torch.device('cpu'), getattr(torch, args.dtype)
+    cap = int(args.max_mem_gb * 2**30)
     try:
         run = make_case(spec['what'], spec['impl'], spec['L'], args, device, dtype)
-        result = {'status': 'ok', 'mem_bytes': cpu_peak_memory(run, int(args.max_mem_gb * 2**30))}
+        result = {'status': 'ok', 'mem_bytes': cpu_peak_memory(run, cap)}
+        if result['mem_bytes'] > cap:  # it fitted in the address-space limit's slack, not in the cap
+            result = {'status': 'skipped', 'error': f"needs {result['mem_bytes'] / 2**30:.2f} GB > "
+                                                    f"--max_mem_gb {args.max_mem_gb:g}"}
     except Exception as e:  # noqa: BLE001 - any failure is reported, the parent goes on
         result = {'status': 'skipped' if is_oom(e) else 'error', 'error': str(e).splitlines()[0][:200]}
     print(json.dumps(result))
@@ -264,10 +268,17 @@ def bench_length(what, L, impls, args, device, dtype, results):
     slow = any(r.get('warmup_s', 0) > args.slow_s for _, r in runs.values())
     repeats = min(args.repeats, 3) if slow else args.repeats
     for _ in range(repeats):
-        for impl, (run, r) in runs.items():
+        for impl, (run, r) in list(runs.items()):
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            run()
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - e.g. a GPU whose free memory fragmented: drop the case
+                if not is_oom(e):
+                    raise
+                r['status'], r['error'] = 'OOM', str(e).splitlines()[0][:200]
+                del runs[impl]
+                continue
             sync(device)
             times[impl].append(time.perf_counter() - t0)
             cpu_times[impl].append(time.process_time() - c0)
@@ -321,7 +332,8 @@ def main():
     p.add_argument('--alpha', type=float, default=0.1)
     p.add_argument('--theta', type=float, default=0.5)
     p.add_argument('--phase', default='quadratic')
-    p.add_argument('--chunk_size', type=int, default=None, help="TAPA chunked tile size (default: tapa_attention's)")
+    p.add_argument('--chunk_size', type=int, default=None,
+                   help="TAPA chunked tile size, attention alone only (default: tapa_attention's, as the Block uses)")
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--slow_s', type=float, default=10.0, help='a length whose slowest case takes longer than this '
@@ -409,9 +421,10 @@ def main():
     print(f"device: {device_name}")
     print(f"dtype {args.dtype}, batch {args.batch}, heads {args.n_head}, head dim {args.head_dim}, "
           f"TAPA alpha={args.alpha} theta={args.theta} phase={args.phase}, torch {torch.__version__}")
+    load_start = os.getloadavg()  # other jobs on the machine: recorded with the results
     if not on_gpu:
         print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average "
-              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
+              f"{' '.join(f'{x:.1f}' for x in load_start)} at start")
     print(f"timing ({args.clock} clock): {args.warmup} warmup run(s), then median of {args.repeats} repeats, cases interleaved; "
           f"memory: {memory_method}; cap {args.max_mem_gb} GB per case")
 
@@ -430,7 +443,9 @@ def main():
             r['time_vs_rope_sdpa'] = r['time_ms'] / ref['time_ms']
             r['mem_vs_rope_sdpa'] = r['mem_mb'] / ref['mem_mb'] if ref['mem_mb'] else None
     out = {'device': device_name, 'device_type': device.type, 'torch': torch.__version__,
-           'config': {k: v for k, v in vars(args).items() if not k.startswith('_')},
+           'config': {k: v for k, v in vars(args).items() if not k.startswith('_')}, 'impls_run': impls,
+           'load_average': {'start': load_start, 'end': os.getloadavg()},
+           'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'),
            'memory_method': memory_method, 'results': results}
     with open(args.out, 'w') as f:
         json.dump(out, f, indent=1)

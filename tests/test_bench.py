@@ -99,3 +99,18 @@ def test_bad_arguments_are_clear_errors(tmp_path, monkeypatch, capsys, args, mes
     assert e.value.code != 0
     assert message in f"{e.value.code}\n{capsys.readouterr().err}"
     assert not out.exists()
+
+
+def test_case_just_over_the_memory_cap_is_skipped_too(tmp_path):
+    # naive TAPA at T = 1024, 8 heads: ~200 MiB at its peak, twice a 0.1 GB cap but within the
+    # address-space limit's slack (thread stacks, allocator arenas): the measured peak decides
+    out = tmp_path / 'b.json'
+    proc = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--what', 'attn', '--lengths', '1024',
+                           '--impls', 'rope_sdpa,tapa_naive', '--max_mem_gb', '0.1', '--threads', '1', '--repeats', '1',
+                           '--warmup', '0', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    by = {r['impl']: r for r in result['results']}
+    assert by['tapa_naive']['status'] == 'skipped' and 'needs 0.' in by['tapa_naive']['error'], by['tapa_naive']
+    assert by['rope_sdpa']['status'] == 'ok' and by['rope_sdpa']['mem_mb'] < 100, by['rope_sdpa']
+    assert result['impls_run'] == ['rope_sdpa', 'tapa_naive'] and len(result['load_average']['start']) == 3

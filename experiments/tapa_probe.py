@@ -64,7 +64,7 @@ def parse(argv):
 
 def print_table(path):
     rows = [json.loads(line) for line in open(path)]
-    lengths = list(rows[0]['val_loss'])
+    lengths = sorted({L for r in rows for L in r['val_loss']}, key=int)  # runs may differ in eval_lengths
     print('| run | settings | ' + ' | '.join(f'val loss @{L}' for L in lengths) + ' | ppl ratio longest/shortest |')
     print('|---|---|' + '---|' * (len(lengths) + 1))
     for r in rows:
@@ -72,8 +72,10 @@ def print_table(path):
         changed = ' '.join(f'{k}={v}' for k, v in s.items() if k not in ('name', 'results', 'data_dir', 'threads', 'eval_lengths', 'eval_tokens')
                            and v != DEFAULTS[k])
         v = r['val_loss']
-        ratio = math.exp(v[lengths[-1]] - v[lengths[0]]) if len(lengths) > 1 else float('nan')
-        print(f"| {s['name']} | {changed} | " + ' | '.join(f'{v[L]:.3f}' for L in lengths) + f' | {ratio:.2f} |')
+        own = sorted(v, key=int)  # this run's own shortest and longest lengths
+        ratio = math.exp(v[own[-1]] - v[own[0]]) if len(own) > 1 else float('nan')
+        print(f"| {s['name']} | {changed} | " + ' | '.join(f'{v[L]:.3f}' if L in v else 'n/a' for L in lengths)
+              + f' | {ratio:.2f} |')
 
 
 def rms_norm(x):

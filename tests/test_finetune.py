@@ -323,3 +323,18 @@ def test_paper_in_miniature_quick(tmp_path):
     assert (out / 'eval' / 'passkey.json').exists() and (out / 'eval' / 'finetuned.md').exists()
     if HAS_MATPLOTLIB:
         assert (out / 'ppl.png').stat().st_size > 10000
+
+
+def test_tapa_probe_table_takes_runs_with_different_lengths(tmp_path, capsys):
+    """experiments/tapa_probe.py --table: the columns are every length any run was evaluated at; a run
+    without one shows n/a, and its ratio uses its own longest and shortest lengths."""
+    import tapa_probe
+    path = tmp_path / 'results.jsonl'
+    rows = [('a', {'128': 2.0, '256': 2.1, '512': 2.3}), ('b', {'128': 1.9, '256': 2.0})]
+    path.write_text(''.join(json.dumps({'settings': dict(tapa_probe.DEFAULTS, name=n), 'val_loss': v}) + '\n'
+                            for n, v in rows))
+    tapa_probe.print_table(str(path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].count('val loss @') == 3 and '@512' in lines[0]
+    assert lines[2].startswith('| a |') and lines[2].endswith(f'| {math.exp(0.3):.2f} |')
+    assert lines[3].startswith('| b |') and '| n/a |' in lines[3] and lines[3].endswith(f'| {math.exp(0.1):.2f} |')

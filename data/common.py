@@ -133,12 +133,26 @@ def prepare_splits(out_dir, dataset, tokenizer_name, split_paths, source, num_pr
     tok = get_tokenizer(tokenizer_name)  # fail early (e.g. tiktoken offline) before any work
     assert tok.vocab_size <= np.iinfo(DTYPE).max + 1, "tokens must fit in uint16"
     os.makedirs(out_dir, exist_ok=True)
-    # an older meta.json would vouch for files we are about to overwrite: remove it first
+    # an older meta.json would vouch for files we are about to overwrite: remove it first (keeping
+    # what it says of the splits not prepared now, e.g. `--splits validation`: see below)
+    old_meta = None
     if os.path.exists(os.path.join(out_dir, 'meta.json')):
+        try:
+            with open(os.path.join(out_dir, 'meta.json')) as f:
+                old_meta = json.load(f)
+        except (OSError, ValueError):
+            pass
         os.remove(os.path.join(out_dir, 'meta.json'))
     splits = {}
     for split, paths in split_paths.items():
         splits[split] = write_split(out_dir, split, paths, tokenizer_name, num_proc, quiet)
+    # The other splits already in out_dir stay usable if they came from the same data, tokenizer and
+    # source; otherwise they would mix sources, and the new meta.json leaves them out.
+    if isinstance(old_meta, dict) and all(old_meta.get(k) == v for k, v in (
+            ('dataset', dataset), ('tokenizer', tok.name), ('vocab_size', tok.vocab_size), ('source', source))):
+        for split, entry in old_meta.get('splits', {}).items():
+            if split not in splits and os.path.exists(os.path.join(out_dir, f'{split}.bin')):
+                splits[split] = entry
     meta = {
         'dataset': dataset,
         'tokenizer': tok.name,

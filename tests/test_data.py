@@ -196,6 +196,21 @@ def test_reader_errors_name_the_prepare_command(tmp_path):
         common.load_split(out, 'train')
 
 
+def test_preparing_some_splits_keeps_the_others_of_the_same_source(tmp_path):
+    out = str(tmp_path / 'data' / 'pg19' / 'byte')
+    texts = {'train': ["train doc", "another"], 'validation': ["val doc"]}
+    splits = {s: make_books(str(tmp_path / 'src' / s), t) for s, t in texts.items()}
+    common.prepare_splits(out, 'pg19', 'byte', splits, source='a', num_proc=1, quiet=True)
+    # again, validation only (prepare.py --splits validation), with new text: train is still listed
+    new_val = {'validation': make_books(str(tmp_path / 'src2'), ["new val"])}
+    common.prepare_splits(out, 'pg19', 'byte', new_val, source='a', num_proc=1, quiet=True)
+    check_documents(out, 'validation', ["new val"], 'byte')
+    check_documents(out, 'train', texts['train'], 'byte')
+    # from another source the old split is not vouched for: it would mix two sources
+    common.prepare_splits(out, 'pg19', 'byte', new_val, source='b', num_proc=1, quiet=True)
+    assert list(common.read_meta(out)['splits']) == ['validation']
+
+
 def test_interrupted_prepare_leaves_no_meta(tmp_path):
     out = str(tmp_path / 'data' / 'pg19' / 'byte')
     good = {'train': make_books(str(tmp_path / 'a'), ["abc"])}

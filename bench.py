@@ -251,33 +251,36 @@ def bench_length(what, L, impls, args, device, dtype, results):
     # warmup every case, then time them round-robin
     times = {impl: [] for impl in runs}
     cpu_times = {impl: [] for impl in runs}
+
+    def run_or_drop(impl):
+        """One run of a case; False (and the case dropped, marked OOM) if it ran out of memory: the
+        memory check passed but the real run did not fit, or a GPU's free memory fragmented."""
+        run, r = runs[impl]
+        try:
+            run()
+            return True
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            r['status'], r['error'] = 'OOM', str(e).splitlines()[0][:200]
+            del runs[impl]
+            return False
+
     for impl, (run, r) in list(runs.items()):
         for _ in range(args.warmup):
             sync(device)
             t0 = time.perf_counter()
-            try:
-                run()
-            except Exception as e:  # noqa: BLE001 - the memory check passed but the real run did not fit
-                if not is_oom(e):
-                    raise
-                r['status'], r['error'] = 'OOM', str(e).splitlines()[0][:200]
-                del runs[impl]
+            if not run_or_drop(impl):
                 break
             sync(device)
             r['warmup_s'] = time.perf_counter() - t0
     slow = any(r.get('warmup_s', 0) > args.slow_s for _, r in runs.values())
     repeats = min(args.repeats, 3) if slow else args.repeats
     for _ in range(repeats):
-        for impl, (run, r) in list(runs.items()):
+        for impl in list(runs):
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                run()
-            except Exception as e:  # noqa: BLE001 - e.g. a GPU whose free memory fragmented: drop the case
-                if not is_oom(e):
-                    raise
-                r['status'], r['error'] = 'OOM', str(e).splitlines()[0][:200]
-                del runs[impl]
+            if not run_or_drop(impl):
                 continue
             sync(device)
             times[impl].append(time.perf_counter() - t0)

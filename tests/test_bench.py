@@ -114,3 +114,27 @@ def test_case_just_over_the_memory_cap_is_skipped_too(tmp_path):
     assert by['tapa_naive']['status'] == 'skipped' and 'needs 0.' in by['tapa_naive']['error'], by['tapa_naive']
     assert by['rope_sdpa']['status'] == 'ok' and by['rope_sdpa']['mem_mb'] < 100, by['rope_sdpa']
     assert result['impls_run'] == ['rope_sdpa', 'tapa_naive'] and len(result['load_average']['start']) == 3
+
+
+def test_out_of_memory_while_timing_drops_only_that_case(monkeypatch):
+    """A case that fits the memory check but runs out of memory in a timed repeat (on a GPU: free memory
+    fragmented by the other cases) is marked OOM; the others are still timed and the run goes on."""
+    import argparse
+    import torch
+    calls = {'tapa_naive': 0, 'rope_sdpa': 0}
+
+    def make_case(what, impl, L, args, device, dtype):
+        def run():
+            calls[impl] += 1
+            if impl == 'tapa_naive' and calls[impl] == 3:  # warmup, first repeat, then out of memory
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run
+    monkeypatch.setattr(bench, 'make_case', make_case)
+    monkeypatch.setattr(bench, 'measure_cpu_memory', lambda *a: {'status': 'ok', 'mem_bytes': 0})
+    args = argparse.Namespace(warmup=1, repeats=4, slow_s=60.0, clock='wall')
+    results = []
+    bench.bench_length('attn', 64, ['rope_sdpa', 'tapa_naive'], args, torch.device('cpu'), torch.float32, results)
+    by = {r['impl']: r for r in results}
+    assert by['tapa_naive']['status'] == 'OOM' and 'out of memory' in by['tapa_naive']['error']
+    assert by['rope_sdpa']['status'] == 'ok' and len(by['rope_sdpa']['wall_ms']) == 4
+    assert calls == {'rope_sdpa': 5, 'tapa_naive': 3}

@@ -321,7 +321,7 @@ def print_tables(results, what, lengths, impls, clock):
     table(f"[{what}] memory / rope_sdpa memory", lambda r, ref: ratio(r, ref, 'mem_mb'))
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='auto', help="'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'")
     p.add_argument('--dtype', default='auto', help="'auto' (bfloat16 on CUDA, float32 on CPU) or a torch dtype name")
@@ -350,6 +350,11 @@ def main():
                    help='memory cap per case; above it a case is skipped (default: 6 on CPU, none on CUDA)')
     p.add_argument('--out', default='bench_results.json')
     p.add_argument('--_memory_case', default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main():
+    p = build_parser()
     args = p.parse_args()
     if args._memory_case is not None:
         return memory_case_main(json.loads(args._memory_case))

@@ -46,7 +46,7 @@ CANDIDATES = {
 }
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1])
     p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--head_dim', type=int, default=64)
@@ -57,7 +57,11 @@ def main():
     p.add_argument('--theta', type=float, default=0.5)
     p.add_argument('--alpha', type=float, default=0.1)
     p.add_argument('--kernels', default='fwd,dkdv,dq,single')
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     if not tt.is_available():
         sys.exit("needs a CUDA GPU and Triton")
     import triton

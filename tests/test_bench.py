@@ -9,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import bench  # noqa: E402
 ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')  # as bench.py runs it
 
@@ -138,3 +139,49 @@ def test_out_of_memory_while_timing_drops_only_that_case(monkeypatch):
     assert by['tapa_naive']['status'] == 'OOM' and 'out of memory' in by['tapa_naive']['error']
     assert by['rope_sdpa']['status'] == 'ok' and len(by['rope_sdpa']['wall_ms']) == 4
     assert calls == {'rope_sdpa': 5, 'tapa_naive': 3}
+
+
+def gpu_check_commands():
+    """The python commands experiments/gpu_check.sh runs: (script, arguments), with train()'s $1 made
+    each encoding it is called with. Continuation lines joined; quotes as bash reads them."""
+    import re
+    import shlex
+    with open(os.path.join(ROOT, 'experiments', 'gpu_check.sh')) as f:
+        text = f.read().replace('\\\n', ' ')
+    encodings = re.findall(r'^train (\w+)$', text, flags=re.M)
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] != ['step'] or 'python3' not in words:
+            continue
+        script, *args = words[words.index('python3') + 1:]
+        for pe in (encodings if any('$1' in w for w in [script] + args) else [None]):
+            commands.append((script, [a.replace('$1', pe) for a in args] if pe else args))
+    return commands
+
+
+def test_gpu_check_runs_only_flags_its_scripts_take():
+    """experiments/gpu_check.sh is run on a borrowed GPU with minutes to spare: a flag that one of its
+    scripts no longer takes would waste the session. Check every command's arguments here, on a CPU."""
+    import importlib
+    import train
+    from configurator import get_overrides
+    commands = gpu_check_commands()
+    scripts = {script for script, _ in commands}
+    assert {'bench.py', 'train.py', 'experiments/triton_tiles.py'} <= scripts, scripts
+    for script, args in commands:
+        if script == 'bench.py':
+            parsed = bench.build_parser().parse_args(args)
+            assert set(parsed.impls.split(',')) <= set(bench.IMPLS), args
+        elif script == 'experiments/triton_tiles.py':
+            tiles = importlib.import_module('triton_tiles')
+            parsed = tiles.build_parser().parse_args(args)
+            assert set(parsed.kernels.split(',')) <= set(tiles.CANDIDATES), args
+        elif script == 'train.py':
+            assert os.path.exists(os.path.join(ROOT, args[0])), args[0]
+            overrides = get_overrides(train.DEFAULTS, [os.path.join(ROOT, args[0])] + args[1:], train.OPTIONAL_TYPES)
+            train.resolve_config(overrides)  # names, types and ranges, as train.py checks them
+        elif script == '-m':
+            assert args[0] == 'pytest', args
+        else:
+            assert os.path.exists(os.path.join(ROOT, script)), script

@@ -291,19 +291,22 @@ def tapa_distance_weight(q_start, Tq, k_start, Tk, alpha, device):
 
 def tapa_scores(q, k, weight, d_amp, phase):
     """The pre-softmax TAPA scores of Eq. 12 (no mask), plus the pieces the backward needs.
-    q (..., Tq, D), k (..., Tk, D), weight = |m-n|^alpha (Tq, Tk). The cos and everything after it run
-    in float32 (float64 for float64 inputs): a bf16 angle of 30 radians is off by a tenth of a radian."""
+    q (..., Tq, D), k (..., Tk, D), weight = |m-n|^alpha (Tq, Tk). All of it runs in float32 (float64
+    for float64 inputs), the two dot products included, autocast or not: a bf16 angle of 30 radians is
+    off by a tenth of a radian, and so is one made from a bf16 q_P.k_P."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     d_phase = q.size(-1) - d_amp
-    q_amp, q_phase = q[..., :d_amp], q[..., d_amp:]
-    k_amp, k_phase = k[..., :d_amp], k[..., d_amp:]
-    amplitude = (q_amp @ k_amp.transpose(-2, -1)).to(dtype) / math.sqrt(d_amp)
-    if phase == 'quadratic':
-        phi = (q_phase @ k_phase.transpose(-2, -1)).to(dtype) / math.sqrt(d_phase)
-    else:  # 'linear'
-        phi = (q_phase.to(dtype).sum(-1)[..., :, None] + k_phase.to(dtype).sum(-1)[..., None, :]) / math.sqrt(d_phase)
-    angle = 2 * math.pi * weight.to(dtype) * phi
-    return amplitude * torch.cos(angle), amplitude, angle
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.to(dtype), k.to(dtype)
+        q_amp, q_phase = q[..., :d_amp], q[..., d_amp:]
+        k_amp, k_phase = k[..., :d_amp], k[..., d_amp:]
+        amplitude = (q_amp @ k_amp.transpose(-2, -1)) / math.sqrt(d_amp)
+        if phase == 'quadratic':
+            phi = (q_phase @ k_phase.transpose(-2, -1)) / math.sqrt(d_phase)
+        else:  # 'linear'
+            phi = (q_phase.sum(-1)[..., :, None] + k_phase.sum(-1)[..., None, :]) / math.sqrt(d_phase)
+        angle = 2 * math.pi * weight.to(dtype) * phi
+        return amplitude * torch.cos(angle), amplitude, angle
 
 
 def tapa_attention_naive(q, k, v, alpha, theta, phase='quadratic'):
@@ -316,18 +319,18 @@ def tapa_attention_naive(q, k, v, alpha, theta, phase='quadratic'):
     return F.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
-def tapa_tile_tables(alpha, rows, Tk, device, dtype=torch.float32):
+def tapa_tile_tables(alpha, rows, Tk, device, dtype=torch.float32, scale=1.0):
     """The weights |m-n|^alpha and the causal mask depend on m-n only, so those of every
     (query block x key block) tile are a window into one small table, built once per call instead
     of once per tile. With distance[a, u] = a + Tk - u, shape (rows, Tk + rows), the tile of the
     queries at absolute positions o, o+1, .. (rows a) and the keys j0..j1-1 is the column window
     [j0 + Tk - o, j1 + Tk - o): column n + Tk - o of row a holds o + a - n = m - n. A view, no copy.
-    Returns (weight, future): max(m-n, 0)^alpha (future keys get 0, as in tapa_distance_weight: they
-    are masked anyway), and True where the key is in the future of the query (n > m)."""
+    Returns (weight, future): scale * max(m-n, 0)^alpha (future keys get 0, as in tapa_distance_weight:
+    they are masked anyway), and True where the key is in the future of the query (n > m)."""
     a = torch.arange(rows, device=device)[:, None]
     u = torch.arange(Tk + rows, device=device)[None, :]
     distance = a + Tk - u
-    powers = torch.arange(Tk + rows, device=device, dtype=dtype) ** alpha  # each distinct d^alpha once
+    powers = torch.arange(Tk + rows, device=device, dtype=dtype) ** alpha * scale  # each distinct d^alpha once
     return powers[distance.clamp(min=0)], distance < 0
 
 
@@ -348,7 +351,9 @@ class ChunkedTAPA(torch.autograd.Function):
     amplitude and phase halves of D/2 dims, which BLAS runs less efficiently than one of D dims), most
     of the rest in the elementwise passes over each tile (each one reads and writes the whole tile:
     cos, sin, exp, the products). So the code below keeps those passes few:
-      - the constants 1/sqrt(d_A) and 2*pi/sqrt(d_P) are folded into q once, not applied per tile,
+      - the constants are applied once, not per tile: 1/sqrt(d_A) to q, 2*pi/sqrt(d_P) to the table of
+        distance weights (not to q: with TF32 matmuls, on by default on GPUs in train.py, a rescaled q
+        would be rounded to 10 bits, where bfloat16 values pass exactly),
       - the weights |m-n|^alpha and the mask come from tables built once (tapa_tile_tables),
       - tiles are updated in place (x.mul_(y) instead of x * y: no new tile to allocate and fill),
       - only the tiles that cross the diagonal are masked,
@@ -368,7 +373,8 @@ class ChunkedTAPA(torch.autograd.Function):
             q_start = Tk - Tq  # absolute position of the first query
             acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
             q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
-            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype)
+            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype,
+                                               scale=2 * math.pi / math.sqrt(D - d_amp))
             key_chunk = _key_chunk(chunk_size, Tq)
             out = torch.empty(B, H, Tq, D, device=q.device, dtype=acc_dtype)
             lse = torch.empty(B * H, Tq, 1, device=q.device, dtype=acc_dtype)
@@ -409,7 +415,8 @@ class ChunkedTAPA(torch.autograd.Function):
             q_start = Tk - Tq
             acc_dtype = out.dtype
             q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
-            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype)
+            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype,
+                                               scale=2 * math.pi / math.sqrt(D - d_amp))
             key_chunk = _key_chunk(chunk_size, Tq)
             grad_out = grad_out.reshape(B * H, Tq, D).to(acc_dtype)
             # softmax backward needs rowsum(dO * O) = sum_n P[m,n] * dP[m,n]
@@ -447,34 +454,28 @@ class ChunkedTAPA(torch.autograd.Function):
                     else:  # linear: phi = q_sum + k_sum
                         dq_phase[:, i0:i1] -= minus_d_phi.sum(-1, keepdim=True)
                         dk_phase[:, j0:j1] -= minus_d_phi.sum(-2)[..., None]
-            # back through the scalings of _tapa_parts (and, for 'linear', through the sums)
-            d_phase = D - d_amp
+            # back through the scaling of _tapa_parts (2*pi/sqrt(d_P) is in the weights already) and,
+            # for 'linear', through the sums: each phase dim of a token gets its sum's gradient
             dq_amp /= math.sqrt(d_amp)
-            if phase == 'quadratic':
-                dq_phase *= 2 * math.pi / math.sqrt(d_phase)
-            else:
-                dq_phase = (dq_phase * (2 * math.pi / math.sqrt(d_phase))).expand(-1, -1, d_phase)
-                dk_phase = (dk_phase * (2 * math.pi / math.sqrt(d_phase))).expand(-1, -1, d_phase)
+            if phase == 'linear':
+                dq_phase, dk_phase = dq_phase.expand(-1, -1, D - d_amp), dk_phase.expand(-1, -1, D - d_amp)
             dq = torch.cat((dq_amp, dq_phase), dim=-1).view(B, H, Tq, D)
             dk = torch.cat((dk_amp, dk_phase), dim=-1).view(B, H, Tk, D)
             return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, H, Tk, D).to(v.dtype), None, None, None, None
 
 
 def _tapa_parts(q, k, v, d_amp, phase, dtype):
-    """q, k, v (B, H, T, D) -> (B*H, T, .) pieces in the compute dtype, with Eq. 12's constants
-    folded into q once, so that a tile needs no more than
+    """q, k, v (B, H, T, D) -> (B*H, T, .) pieces in the compute dtype, 1/sqrt(d_A) folded into q, so
+    that with weight = 2*pi/sqrt(d_P) * |m-n|^alpha (tapa_tile_tables) a tile needs no more than
         amplitude = q_amp @ k_amp^T,   angle = weight * (q_phase @ k_phase^T)   ('quadratic')
                                        angle = weight * (q_phase + k_phase^T)   ('linear': sums)."""
     B, H, Tq, D = q.shape
-    d_phase = D - d_amp
     q, k, v = (t.reshape(B * H, -1, D).to(dtype) for t in (q, k, v))
     q_amp, k_amp = q[..., :d_amp] / math.sqrt(d_amp), k[..., :d_amp]
-    phase_scale = 2 * math.pi / math.sqrt(d_phase)
     if phase == 'quadratic':
-        q_phase, k_phase = q[..., d_amp:] * phase_scale, k[..., d_amp:]
+        q_phase, k_phase = q[..., d_amp:], k[..., d_amp:]
     else:  # 'linear': phi = (sum(q_P) + sum(k_P)) / sqrt(d_P), one number per token
-        q_phase = q[..., d_amp:].sum(-1, keepdim=True) * phase_scale
-        k_phase = k[..., d_amp:].sum(-1, keepdim=True) * phase_scale
+        q_phase, k_phase = q[..., d_amp:].sum(-1, keepdim=True), k[..., d_amp:].sum(-1, keepdim=True)
     return q_amp, q_phase, k_amp, k_phase, v
 
 

@@ -113,6 +113,20 @@ def test_chunked_backward_passes_gradcheck(phase):
         lambda q, k, v: tapa_attention(q, k, v, 0.3, 0.5, phase, impl='chunked', chunk_size=3), (q, k, v))
 
 
+@pytest.mark.parametrize('impl', ['naive', 'chunked'])
+def test_bfloat16_inputs_get_a_float32_phase(impl):
+    """With bfloat16 q, k (autocast on a GPU; decoding with a KV cache runs the naive path), both
+    paths must form q_P.k_P and the angle in float32: phases of hundreds of radians, rounded to
+    bfloat16's 8 bits, would be off by a radian. Reference: float64 on the same bfloat16 values."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = ((3 * torch.randn(1, 2, 128, 64, generator=g)).bfloat16() for _ in range(3))
+    ref = tapa_attention(q.double(), k.double(), v.double(), 0.1, 0.5, impl='naive')
+    out = tapa_attention(q, k, v, 0.1, 0.5, impl=impl, **({'chunk_size': 32} if impl == 'chunked' else {}))
+    assert out.dtype == torch.bfloat16
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err  # bfloat16's rounding of the output: ~4e-3
+
+
 def test_chunked_tapa_works_in_bfloat16():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))

@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from configurator import get_overrides
 from model import GPTConfig
-from train import TrainError, load_checkpoint, model_from_checkpoint, pick_device
+from train import TrainError, has_native_bfloat16, load_checkpoint, model_from_checkpoint, pick_device
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -304,7 +304,7 @@ def autocast_for(dev, name='auto'):
     if name == 'auto':
         if dev.type != 'cuda':
             return nullcontext()
-        name = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        name = 'bfloat16' if has_native_bfloat16(dev) else 'float16'
     if name == 'float32':
         return nullcontext()
     if name not in ('bfloat16', 'float16'):

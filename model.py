@@ -407,6 +407,9 @@ class ChunkedTAPA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
+            raise RuntimeError("the chunked TAPA attention has no second derivative (its backward is not "
+                               "differentiable); use attn_impl='naive' for create_graph=True")
         with torch.autocast(grad_out.device.type, enabled=False):  # see forward
             q, k, v, out, lse = ctx.saved_tensors
             alpha, d_amp, phase, chunk_size = ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size
@@ -527,7 +530,8 @@ def pick_tapa_impl(requested, device, Tq, Tk, head_dim, dtype):
     if device.type == 'cuda':
         try:
             import tapa_triton
-            if tapa_triton.is_available() and tapa_triton.supports(head_dim, dtype):
+            if tapa_triton.is_available() and tapa_triton.supports(head_dim, dtype,
+                                                                   torch.cuda.get_device_capability(device)):
                 return 'triton'
         except ImportError:
             pass
@@ -707,7 +711,10 @@ class GPT(nn.Module):
         key = (n, str(device), cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_block_size,
                cfg.block_size, cfg.yarn_beta_fast, cfg.yarn_beta_slow)
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_cos_sin(cfg, cfg.n_embd // cfg.n_head, n, device)}
+            # normal tensors even when first made under torch.inference_mode() (sampling, evaluation):
+            # a later training step saves them for its backward, which autograd refuses for those
+            with torch.inference_mode(False):
+                self._rope_cache = {key: rope_cos_sin(cfg, cfg.n_embd // cfg.n_head, n, device)}
         cos, sin = self._rope_cache[key]
         return cos[:seq_len], sin[:seq_len]
 

@@ -80,10 +80,18 @@ def is_available():
     return _TRITON_IMPORT_ERROR is None and torch.cuda.is_available() and torch.version.hip is None
 
 
-def supports(head_dim, dtype):
-    """True when the kernel takes q, k, v of this head dim and dtype (tapa_attention_triton checks the
-    rest); model.pick_tapa_impl asks, so that attn_impl='auto' falls back to PyTorch otherwise."""
-    return HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1] and dtype in DTYPES
+def supports(head_dim, dtype, capability=None):
+    """True when the kernel takes q, k, v of this head dim and dtype on a GPU of this compute
+    capability (tapa_attention_triton checks the rest); model.pick_tapa_impl asks, so that
+    attn_impl='auto' falls back to PyTorch otherwise."""
+    return (HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1] and dtype in DTYPES
+            and not too_big_for_turing(head_dim, dtype, capability))
+
+
+def too_big_for_turing(head_dim, dtype, capability):
+    """float32 above head dim 128 needs more shared memory than Turing's 64 KB (T4, RTX 20xx) with any
+    tiles here (see _tile_sizes)."""
+    return capability is not None and capability < (8, 0) and dtype == torch.float32 and head_dim > 128
 
 
 # Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
@@ -583,8 +591,8 @@ def _tile_sizes(dtype, block_d, capability):
     --sass` prints both. With Triton 3.9 and the alignment Triton assumes at run time, at head dims 64
     and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 4 bytes (sm_120; nothing on the
     others), float32 up to 148 bytes (dQ, head dim 128). Every kernel fits the consumer cards' 99 KB
-    of shared memory (at most 89 KB, float32 at head dim 256); on Turing (64 KB) all but float32 at
-    head dim 256, which no tiles here fit."""
+    of shared memory (at most 89 KB, float32 at head dim 256); on Turing (64 KB) all but float32 above
+    head dim 128, which no tiles here fit (too_big_for_turing)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))
@@ -698,6 +706,9 @@ class _TapaAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
+            raise RuntimeError("tapa_attention_triton has no second derivative (its backward kernels are not "
+                               "differentiable); use attn_impl='naive' for create_graph=True")
         q, k, v, o, lse, table = ctx.saved_tensors
         B, H, Tq, D = q.shape
         Tk = k.size(2)
@@ -795,6 +806,10 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
         raise ValueError(f"tapa_attention_triton: tensors are on {q.device}, but the fused kernel runs on "
                          f"CUDA GPUs only (to run it slowly on CPU, set TRITON_INTERPRET=1 before importing "
                          f"tapa_triton; or use attn_impl='chunked')")
+    if q.is_cuda and too_big_for_turing(D, q.dtype, torch.cuda.get_device_capability(q.device)):
+        raise ValueError(f"tapa_attention_triton: float32 at head dim {D} does not fit the shared memory of "
+                         f"this GPU ({torch.cuda.get_device_name(q.device)}); use float16 inputs, or "
+                         f"attn_impl='chunked'")
     if q.is_cuda and _INTERPRETED:
         raise ValueError("tapa_attention_triton: TRITON_INTERPRET=1 was set when tapa_triton was imported, "
                          "so the kernels run in Triton's CPU interpreter; pass CPU tensors, or unset it")

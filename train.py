@@ -83,7 +83,7 @@ min_lr = 1e-4                # ~= learning_rate / 10
 # system
 device = 'auto'              # 'auto' (cuda > mps > cpu), or e.g. 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'               # 'auto' (bfloat16 where supported, else float16 on CUDA; float32 elsewhere)
-compile = 'auto'             # torch.compile the model: True, False or 'auto' (= on CUDA only)
+compile = 'auto'             # torch.compile the model: True, False or 'auto' (= on CUDA GPUs where Triton runs)
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -229,6 +229,29 @@ def pick_device(name):
     return torch.device('cpu')
 
 
+def has_native_bfloat16(device):
+    """bfloat16 in the tensor cores: NVIDIA compute capability 8.0 (Ampere) and newer. (Not
+    torch.cuda.is_bf16_supported(), which also says yes where bfloat16 is only emulated, e.g. on an
+    RTX 20xx or a T4: slow, and without SDPA's fused kernels. It asks about the current GPU, too.)"""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def compiles_on(device):
+    """What compile='auto' decides: on CUDA GPUs, where torch.compile's default backend generates
+    Triton kernels, so only if Triton is there (PyTorch's Windows wheels ship none) and the GPU is one
+    Triton supports (compute capability 7.0+; not a GTX 10xx). Elsewhere the gain is small."""
+    if device.type != 'cuda':
+        return False
+    try:
+        from torch.utils._triton import has_triton  # torch's own test (a private helper)
+    except ImportError:
+        import importlib.util
+
+        def has_triton():
+            return importlib.util.find_spec('triton') is not None
+    return has_triton() and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 def pick_dtype(name, device):
     """bfloat16 where the GPU has it (same range as float32: no loss scaling needed), else float16
     with a GradScaler on CUDA; float32 on CPU and MPS, where mixed precision rarely pays off."""
@@ -236,7 +259,7 @@ def pick_dtype(name, device):
         raise ConfigError(f"dtype={name!r} is not one of {DTYPES}")
     if name == 'auto':
         if device.type == 'cuda':
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+            return 'bfloat16' if has_native_bfloat16(device) else 'float16'
         return 'float32'
     if name == 'float16' and device.type != 'cuda':
         raise ConfigError("dtype='float16' needs loss scaling, which this script does on CUDA only; "
@@ -332,24 +355,28 @@ def estimate_loss(model, paths, cfg, device, autocast):
 # -----------------------------------------------------------------------------
 # checkpoints: everything needed to continue the run as if it had never stopped
 
-def rng_states(batch_generator):
+def rng_states(batch_generator, device):
     """Every random stream: python and numpy (unused by this loop, saved for scripts that do),
-    torch's (dropout), CUDA's, and the generator that picks the training batches."""
+    torch's (dropout on the CPU), the training GPU's (dropout there; only that GPU's: the others may
+    be absent, or others, when the run resumes), and the generator that picks the training batches."""
     np_state = np.random.get_state()
     return {'python': random.getstate(),
             # the numpy array as a list keeps the checkpoint loadable with torch.load(weights_only=True)
             'numpy': (np_state[0], np_state[1].tolist()) + tuple(np_state[2:]),
             'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
             'batches': batch_generator.get_state()}
 
 
-def set_rng_states(states, batch_generator):
+def set_rng_states(states, batch_generator, device):
     random.setstate(states['python'])
     np.random.set_state((states['numpy'][0], np.array(states['numpy'][1], dtype=np.uint32)) + tuple(states['numpy'][2:]))
     torch.set_rng_state(states['torch'])
-    if states['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states['cuda'])
+    cuda = states['cuda']
+    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every visible GPU's: take the first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == 'cuda':
+        torch.cuda.set_rng_state(cuda, device)
     batch_generator.set_state(states['batches'])
 
 
@@ -502,7 +529,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
         elapsed_before = checkpoint.get('elapsed_s', 0.0)
         # last, after building the model (whose initialization drew random numbers)
-        set_rng_states(checkpoint['rng'], batch_generator)
+        set_rng_states(checkpoint['rng'], batch_generator, device)
         if not cfg['eval_only']:
             trim_log(log_path, iter_num)
         print(f"resuming from {ckpt_path} at iter {iter_num} (settings not given come from the checkpoint)")
@@ -512,7 +539,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             print(f"note: {ckpt_path} exists and will be overwritten at the first save "
                   f"(--init_from=resume continues it instead)")
         open(log_path, 'w').close()  # a new run, a new log
-    use_compile = device.type == 'cuda' if cfg['compile'] == 'auto' else cfg['compile']
+    use_compile = compiles_on(device) if cfg['compile'] == 'auto' else cfg['compile']
     raw_model = model  # the plain module: its state_dict has no '_orig_mod.' prefixes
     if use_compile:
         model = torch.compile(model)
@@ -533,7 +560,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': scaler.state_dict() if scaler.is_enabled() else None,
                 'model_args': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
-                'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator),
+                'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator, device),
                 'elapsed_s': time.time() - t_start, 'format_version': FORMAT_VERSION}
 
     def last_good():

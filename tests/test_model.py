@@ -127,6 +127,27 @@ def test_bfloat16_inputs_get_a_float32_phase(impl):
     assert err < 1e-2, err  # bfloat16's rounding of the output: ~4e-3
 
 
+def test_chunked_tapa_refuses_a_second_derivative():
+    """Its backward is hand-written and not differentiable: create_graph=True (a gradient penalty, say)
+    gets a clear error rather than a second-order term silently missing."""
+    q, k, v = (torch.randn(1, 1, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = tapa_attention(q, k, v, 0.1, 0.5, impl='chunked', chunk_size=8)
+    with pytest.raises(RuntimeError, match='no second derivative'):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    g, = torch.autograd.grad(tapa_attention(q, k, v, 0.1, 0.5, impl='naive').sum(), q, create_graph=True)
+    assert g.requires_grad  # the naive path, plain autograd, has one
+
+
+def test_rope_cache_made_under_inference_mode_serves_training():
+    model = GPT(tiny_config(pos_encoding='rope'))
+    idx = torch.randint(0, 61, (1, 20))
+    with torch.inference_mode():  # as sample.py and the evaluations run it
+        model(idx)
+    _, loss = model(idx, targets=idx)
+    loss.backward()  # saving an inference-mode cos/sin for backward would raise here
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
 def test_chunked_tapa_works_in_bfloat16():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))

@@ -160,6 +160,19 @@ def inference_mode_then_training():
     return None
 
 
+def second_derivative_error():
+    """Worker side: what backward(create_graph=True) through the kernel says (its backward kernels
+    are not differentiable: a clear error, not a silently missing second-order term)."""
+    import torch
+    from tapa_triton import tapa_attention_triton
+    q, k, v = (torch.randn(1, 1, 20, 32, requires_grad=True) for _ in range(3))
+    try:
+        torch.autograd.grad(tapa_attention_triton(q, k, v, 0.1, 0.5).sum(), q, create_graph=True)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def interpreter_problem():
     """Worker side: None if this Triton's interpreter can run a loop whose bound is computed from
     tl.program_id, as every kernel here does; else why not. (Triton 3.6's interpreter turns such a
@@ -187,7 +200,8 @@ def worker():
     if problem:
         print(json.dumps({'interpreter_problem': problem}))
         return
-    results = {'trig': trig_errors(), 'inference_mode_then_training': inference_mode_then_training()}
+    results = {'trig': trig_errors(), 'inference_mode_then_training': inference_mode_then_training(),
+               'second_derivative_error': second_derivative_error()}
     for name, case in CASES.items():
         t0 = time.time()
         results[name] = run_case(**case)
@@ -232,6 +246,11 @@ def test_cos_sin_of_turns(interpreted):
 @needs_triton
 def test_inference_mode_then_training(interpreted):
     assert interpreted['inference_mode_then_training'] is None, interpreted['inference_mode_then_training']
+
+
+@needs_triton
+def test_second_derivative_is_refused(interpreted):
+    assert 'no second derivative' in (interpreted['second_derivative_error'] or ''), interpreted['second_derivative_error']
 
 
 # ---------------------------------------------------------------------------
@@ -297,9 +316,13 @@ def test_auto_picks_the_kernel_only_where_it_runs(tt, monkeypatch):
     import model
     monkeypatch.setitem(sys.modules, 'tapa_triton', tt)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 6))  # an RTX 30xx
     gpu, cpu = torch.device('cuda'), torch.device('cpu')
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.bfloat16) == 'triton'
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 256, torch.float32) == 'triton'
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))  # a T4
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 256, torch.float32) == 'chunked'  # 64 KB: no fit
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 256, torch.float16) == 'triton'
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 8, torch.bfloat16) == 'chunked'
     assert model.pick_tapa_impl('auto', gpu, 64, 64, 64, torch.float64) == 'naive'
     assert model.pick_tapa_impl('auto', cpu, 512, 512, 64, torch.float32) == 'chunked'

@@ -524,3 +524,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained, ca
         train.train(settings)
     assert sha256(path) == before
     assert not any(r['iter'] >= 31 for r in read_log(out_dir))
+
+
+@pytest.mark.filterwarnings('ignore:CUDA is not available')  # autocast('cuda') made on a CPU-only machine
+@pytest.mark.parametrize('capability,triton,dtype,compiles', [
+    ((6, 1), True, 'float16', False),   # GTX 10xx: no bfloat16, and too old for Triton
+    ((7, 5), True, 'float16', True),    # RTX 20xx / T4: bfloat16 only emulated
+    ((8, 6), True, 'bfloat16', True),   # RTX 30xx
+    ((8, 6), False, 'bfloat16', False),  # no Triton (e.g. PyTorch's Windows wheels)
+])
+def test_auto_dtype_and_compile_follow_the_gpu(monkeypatch, capability, triton, dtype, compiles):
+    """dtype='auto' takes bfloat16 only where the tensor cores have it (torch.cuda.is_bf16_supported()
+    says yes to emulation too); compile='auto' only where torch.compile's Triton code can run."""
+    import torch.utils._triton
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: triton)
+    gpu = torch.device('cuda')
+    assert train.pick_dtype('auto', gpu) == dtype
+    assert train.compiles_on(gpu) is compiles
+    assert train.pick_dtype('auto', torch.device('cpu')) == 'float32' and not train.compiles_on(torch.device('cpu'))
+    import eval_ppl
+    assert eval_ppl.autocast_for(gpu).fast_dtype == getattr(torch, dtype)
+
+
+def test_rng_state_is_the_training_gpus_only(monkeypatch):
+    """A checkpoint keeps the random state of the GPU it trained on (dropout draws from it), not of
+    every visible GPU: restoring those failed when the resumed run saw fewer GPUs, and put GPU 0's
+    state back when it trained on another. Older checkpoints (a list, one per GPU) give the first."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': calls.append(('get', str(device))) or
+                        torch.tensor([1, 2], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': calls.append(
+        ('set', state.tolist(), str(device))))
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: pytest.fail('all GPUs touched'))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: pytest.fail('all GPUs touched'))
+    gen, gpu1 = torch.Generator(), torch.device('cuda', 1)
+    states = train.rng_states(gen, gpu1)
+    train.set_rng_states(states, gen, gpu1)
+    old = dict(states, cuda=[torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)])
+    train.set_rng_states(old, gen, torch.device('cuda', 0))
+    train.set_rng_states(states, gen, torch.device('cpu'))  # resumed on a CPU: nothing to restore there
+    assert calls == [('get', 'cuda:1'), ('set', [1, 2], 'cuda:1'), ('set', [7], 'cuda:0')]
+    assert train.rng_states(gen, torch.device('cpu'))['cuda'] is None

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The checks and measurements of the CUDA path, in one go, on one GPU: what to run after changing
-# tapa_triton.py, or on a new kind of GPU. About 7 minutes on an H200. In order of importance:
-#   tests      the whole test suite, including tests/test_tapa_triton_cuda.py (the kernel vs float64)
-#   errors     the table of the kernel's errors next to PyTorch's own in the same dtype
+# tapa_triton.py, or on a new kind of GPU. About 8 minutes on an H200. In order of importance (with
+# a BUDGET, the later steps are the ones left out):
+#   tests_cuda tests/test_tapa_triton_cuda.py: the kernel against float64 on this GPU, and the model
+#              with it (the other tests run on any CPU)
 #   bench      bench.py: RoPE+SDPA, NoPE+SDPA, TAPA naive and TAPA triton, L = 512..16384, bfloat16
+#   tiles_64   experiments/triton_tiles.py: the single-pass backward (deterministic=False) against the
+#              default, then other tile sizes of each kernel (dK/dV first, the costliest), head dim 64
+#   errors     the table of the kernel's errors next to PyTorch's own in the same dtype
 #   train_*    a few steps of train.py with torch.compile (GPT-2 small on prepared PG-19 GPT-2 tokens;
 #              skipped if data/pg19/gpt2 is not prepared), TAPA then RoPE: tokens/s of the whole model
-#   tiles_*    experiments/triton_tiles.py: other tile sizes of each kernel, and the single-pass
-#              backward (deterministic=False) against the default, head dims 64 and 128
 #   bench_*    bench.py at head dim 128, and the chunked PyTorch path (the fallback without Triton)
+#   tiles_128  the same sweep at head dim 128
+#   tests      the whole test suite
 #
 #     bash experiments/gpu_check.sh                    # logs under runs/gpu_check/
 #     LOG_DIR=/tmp/gc BUDGET=480 bash experiments/gpu_check.sh   # stop starting steps after 480 s
@@ -51,16 +55,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 300 python3 -m pytest -q $XDIST tests
-step errors 150 python3 tests/test_tapa_triton_cuda.py
+step tests_cuda 180 python3 -m pytest -q tests/test_tapa_triton_cuda.py
 step bench 240 python3 bench.py --impls rope_sdpa,nope_sdpa,tapa_naive,tapa_triton --repeats 10 \
     --out "$LOG_DIR/bench.json"
+step tiles_64 200 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16 --kernels single,dkdv,fwd,dq
+step errors 150 python3 tests/test_tapa_triton_cuda.py
 train tapa
-step tiles_64 200 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16
 step bench_128 120 python3 bench.py --impls rope_sdpa,tapa_triton --head_dim 128 --n_head 8 --lengths 2048,8192,16384 \
     --repeats 10 --out "$LOG_DIR/bench_128.json"
 train rope
 step bench_chunked 120 python3 bench.py --impls rope_sdpa,tapa_chunked --lengths 1024,4096 --repeats 5 \
     --out "$LOG_DIR/bench_chunked.json"
-step tiles_128 150 python3 experiments/triton_tiles.py --head_dim 128 --n_head 8
+step tiles_128 150 python3 experiments/triton_tiles.py --head_dim 128 --n_head 8 --kernels single,dkdv,fwd,dq
+step tests 300 python3 -m pytest -q $XDIST tests
 echo "== done in $(($(date +%s) - T0)) s; logs in $LOG_DIR"

@@ -91,6 +91,10 @@ def check_config(config):
                              f"it needs a head dim of at least 4, not {head_dim}")
         if config.rope_scaling is not None and config.rope_factor < 1.0:
             raise ValueError(f"rope_factor={config.rope_factor} must be >= 1 (it is the context extension factor)")
+        if config.rope_scaling == 'yarn' and not config.yarn_beta_fast > config.yarn_beta_slow > 0:
+            # swapped, YaRN's ramp would run backwards: the fast pairs interpolated, the slow ones kept
+            raise ValueError(f"yarn_beta_fast={config.yarn_beta_fast} must be larger than yarn_beta_slow="
+                             f"{config.yarn_beta_slow}, and both positive (YaRN's 32 and 1)")
 
 
 # -----------------------------------------------------------------------------

@@ -215,6 +215,14 @@ def test_bad_names_are_rejected():
         tapa_attention(q, q[:, :, :3], q[:, :, :3], 0.1, 0.5)
 
 
+def test_yarn_betas_must_be_in_order():
+    kw = dict(pos_encoding='rope', rope_scaling='yarn', rope_factor=4.0, rope_original_block_size=16)
+    for fast, slow in ((1.0, 32.0), (8.0, 8.0), (32.0, 0.0)):
+        with pytest.raises(ValueError, match='yarn_beta_fast'):
+            GPT(tiny_config(yarn_beta_fast=fast, yarn_beta_slow=slow, **kw))
+    GPT(tiny_config(yarn_beta_fast=16.0, yarn_beta_slow=2.0, **kw))
+
+
 @pytest.mark.parametrize('scaling', ['ntk', 'dynamic_ntk'])
 def test_ntk_needs_a_head_dim_of_four(scaling):
     # base * factor^(D/(D-2)) divides by zero at D = 2: refused when the model is built

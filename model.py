@@ -23,6 +23,7 @@ References:
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -293,6 +294,16 @@ def tapa_distance_weight(q_start, Tq, k_start, Tk, alpha, device):
     return (m[:, None] - n[None, :]).clamp(min=0) ** alpha
 
 
+def autocast_off(device):
+    """A context in which autocast leaves this device's ops in the dtype they are given: TAPA's angle
+    must stay float32. (Nothing to turn off where this torch has no autocast for the device, e.g.
+    Apple's MPS before torch 2.5, which refuses even to build a disabled one.)"""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return nullcontext()
+
+
 def tapa_scores(q, k, weight, d_amp, phase):
     """The pre-softmax TAPA scores of Eq. 12 (no mask), plus the pieces the backward needs.
     q (..., Tq, D), k (..., Tk, D), weight = |m-n|^alpha (Tq, Tk). All of it runs in float32 (float64
@@ -300,7 +311,7 @@ def tapa_scores(q, k, weight, d_amp, phase):
     off by a tenth of a radian, and so is one made from a bf16 q_P.k_P."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     d_phase = q.size(-1) - d_amp
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         q, k = q.to(dtype), k.to(dtype)
         q_amp, q_phase = q[..., :d_amp], q[..., d_amp:]
         k_amp, k_phase = k[..., :d_amp], k[..., d_amp:]
@@ -371,7 +382,7 @@ class ChunkedTAPA(torch.autograd.Function):
         # The tiles are computed in float32 (float64 for float64 inputs) whatever the input dtype.
         # Under autocast, torch.bmm would run in bfloat16 or float16 instead, and the in-place
         # float32 updates below (baddbmm_) would refuse its output: autocast stays off in here.
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             B, H, Tq, D = q.shape
             Tk = k.size(-2)
             q_start = Tk - Tq  # absolute position of the first query
@@ -414,7 +425,7 @@ class ChunkedTAPA(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
             raise RuntimeError("the chunked TAPA attention has no second derivative (its backward is not "
                                "differentiable); use attn_impl='naive' for create_graph=True")
-        with torch.autocast(grad_out.device.type, enabled=False):  # see forward
+        with autocast_off(grad_out.device):  # see forward
             q, k, v, out, lse = ctx.saved_tensors
             alpha, d_amp, phase, chunk_size = ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size
             B, H, Tq, D = q.shape

@@ -127,6 +127,19 @@ def test_bfloat16_inputs_get_a_float32_phase(impl):
     assert err < 1e-2, err  # bfloat16's rounding of the output: ~4e-3
 
 
+@pytest.mark.parametrize('impl', ['naive', 'chunked'])
+def test_tapa_runs_where_torch_has_no_autocast_for_the_device(monkeypatch, impl):
+    """TAPA turns autocast off around its float32 angle; a torch without autocast for the device
+    (MPS before torch 2.5) refuses to build even a disabled autocast: there is nothing to turn off."""
+    def no_autocast(device_type, *args, **kwargs):
+        raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
+    monkeypatch.setattr(torch, 'autocast', no_autocast)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    out = tapa_attention(q, k, v, 0.1, 0.5, impl=impl, **({'chunk_size': 16} if impl == 'chunked' else {}))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
 def test_chunked_tapa_refuses_a_second_derivative():
     """Its backward is hand-written and not differentiable: create_graph=True (a gradient penalty, say)
     gets a clear error rather than a second-order term silently missing."""

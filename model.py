@@ -225,6 +225,7 @@ def rope_frequencies(head_dim, base, scaling=None, factor=1.0, original_block_si
     return inv_freq.float(), attention_scale
 
 
+@torch.compiler.disable  # a table computed once: torch 2.4's inductor fails on base ** dims (Invalid NaN comparison)
 def rope_cos_sin(config, head_dim, seq_len, device):
     """cos and sin of the angles pos * w_i for positions 0..seq_len-1, shape (seq_len, head_dim/2),
     already multiplied by YaRN's attention scale."""
@@ -289,9 +290,9 @@ def check_tapa_args(alpha, phase):
 def tapa_distance_weight(q_start, Tq, k_start, Tk, alpha, device):
     """|m-n|^alpha for queries at absolute positions q_start.. and keys at k_start.., shape (Tq, Tk).
     Future keys (n > m) get 0: they are masked anyway, and 0 keeps their cos finite."""
-    m = torch.arange(q_start, q_start + Tq, device=device, dtype=torch.float32)
-    n = torch.arange(k_start, k_start + Tk, device=device, dtype=torch.float32)
-    return (m[:, None] - n[None, :]).clamp(min=0) ** alpha
+    m = torch.arange(q_start, q_start + Tq, device=device)
+    n = torch.arange(k_start, k_start + Tk, device=device)
+    return (m[:, None] - n[None, :]).clamp(min=0).float() ** alpha
 
 
 def autocast_off(device):

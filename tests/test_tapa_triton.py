@@ -186,9 +186,11 @@ def interpreter_problem():
     except Exception as e:  # noqa: BLE001 - whatever the interpreter raises
         import numpy
         return (f"Triton {triton.__version__}'s CPU interpreter cannot run a loop with a runtime bound under "
-                f"NumPy {numpy.__version__} ({e!r}); upgrade Triton (3.9 works) to run these checks")
+                f"NumPy {numpy.__version__} ({e!r}); to run these checks, upgrade Triton (3.9 works) or, with the "
+                f"Triton of an older torch (3.0 for torch 2.4), use NumPy < 2")
     if x.tolist() != [3.0, 4.0, 0.0, 0.0]:
-        return f"Triton {triton.__version__}'s interpreter computed a loop wrongly: {x.tolist()}"
+        return (f"Triton {triton.__version__}'s interpreter computed a loop wrongly under NumPy "
+                f"{__import__('numpy').__version__}: {x.tolist()} (Triton 3.9 works; Triton 3.0 with NumPy < 2)")
     return None
 
 

@@ -92,7 +92,7 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
             else:  # strides, H, Tq, Tk
                 signature[arg] = 'i32'
         target = GPUTarget('cuda', cap[0] * 10 + cap[1], 32)
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=target,
+        compiled = triton.compile(ast_source(ASTSource, kernel, signature, constexprs, attrs), target=target,
                                   options=options)
         ptx = compiled.asm['ptx']
         out = dict(tiles=[block_m, block_n, options['num_warps']], cubin_bytes=len(compiled.asm['cubin']),
@@ -106,6 +106,20 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
             out.update(loop_instructions(compiled.asm['cubin'], block_m * block_n // (32 * options['num_warps'])))
         results[name] = out
     return results
+
+
+def ast_source(ASTSource, kernel, signature, constexprs, attrs):
+    """ASTSource in this Triton's API: newer Triton takes constexprs= and attrs keyed by (index,);
+    Triton 3.0 (the one torch 2.4 pairs with) takes the non-constexpr signature, constants by name
+    and an AttrsDescriptor of the 16-divisible argument indices."""
+    import inspect
+    if 'constexprs' in inspect.signature(ASTSource).parameters:
+        return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    from triton.compiler.compiler import AttrsDescriptor
+    names = kernel.arg_names
+    divisible = {i for (i,), a in attrs.items() if ['tt.divisibility', 16] in a and signature[names[i]] != 'constexpr'}
+    return ASTSource(kernel, {k: v for k, v in signature.items() if v != 'constexpr'},
+                     {names[i]: v for (i,), v in constexprs.items()}, AttrsDescriptor(divisible_by_16=divisible))
 
 
 def ptxas_report(ptx, cap):

@@ -567,3 +567,19 @@ def test_rng_state_is_the_training_gpus_only(monkeypatch):
     train.set_rng_states(states, gen, torch.device('cpu'))  # resumed on a CPU: nothing to restore there
     assert calls == [('get', 'cuda:1'), ('set', [1, 2], 'cuda:1'), ('set', [7], 'cuda:0')]
     assert train.rng_states(gen, torch.device('cpu'))['cuda'] is None
+
+
+@pytest.mark.parametrize('pe,impl', [('tapa', 'naive'), ('tapa', 'chunked'), ('rope', 'auto')])
+def test_compiled_training_matches_eager(tmp_path, data_dir, pe, impl):
+    """train.py compiles the model on GPUs (compile='auto'); here on the CPU, so a model change that
+    torch.compile cannot take (or computes differently) shows up without a GPU: the same steps,
+    compiled and eager, log the same losses."""
+    losses = {}
+    for compile_ in (False, True):
+        out_dir = str(tmp_path / f'out-{compile_}')
+        train.train({**TINY, 'data_dir': data_dir, 'out_dir': out_dir, 'max_iters': 3, 'eval_interval': 3,
+                     'eval_iters': 1, 'log_interval': 1, 'pos_encoding': pe, 'attn_impl': impl,
+                     'block_size': 160 if impl == 'chunked' else 32, 'compile': compile_})
+        losses[compile_] = [r['loss'] for r in read_log(out_dir) if 'loss' in r]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4), losses

@@ -569,6 +569,7 @@ def test_rng_state_is_the_training_gpus_only(monkeypatch):
     assert train.rng_states(gen, torch.device('cpu'))['cuda'] is None
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script_method` is deprecated')  # from inside torch.compile
 @pytest.mark.parametrize('pe,impl', [('tapa', 'naive'), ('tapa', 'chunked'), ('rope', 'auto')])
 def test_compiled_training_matches_eager(tmp_path, data_dir, pe, impl):
     """train.py compiles the model on GPUs (compile='auto'); here on the CPU, so a model change that

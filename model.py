@@ -546,8 +546,7 @@ def pick_tapa_impl(requested, device, Tq, Tk, head_dim, dtype):
     if device.type == 'cuda':
         try:
             import tapa_triton
-            if tapa_triton.is_available() and tapa_triton.supports(head_dim, dtype,
-                                                                   torch.cuda.get_device_capability(device)):
+            if tapa_triton.is_available() and tapa_triton.supports(head_dim, dtype, device):
                 return 'triton'
         except ImportError:
             pass

@@ -61,7 +61,7 @@ def main(argv):
     # allow_eot: a literal '<|endoftext|>' in the prompt means "a new document starts here"
     ids = tokenizer.encode(prompt, allow_eot=True) or [tokenizer.eot_token]
     # the model sees the prompt and every new token but the last (which is sampled, never fed back)
-    longest = len(ids) + max(cfg['max_new_tokens'] - 1, 0)
+    longest = len(ids) + cfg['max_new_tokens'] - 1  # (max_new_tokens >= 1, checked above)
     block_size = model.config.block_size
     if model.config.pos_encoding == 'learned' and longest > block_size:
         fix = (f"lower max_new_tokens to at most {block_size - len(ids) + 1}" if len(ids) <= block_size else

@@ -80,18 +80,19 @@ def is_available():
     return _TRITON_IMPORT_ERROR is None and torch.cuda.is_available() and torch.version.hip is None
 
 
-def supports(head_dim, dtype, capability=None):
-    """True when the kernel takes q, k, v of this head dim and dtype on a GPU of this compute
-    capability (tapa_attention_triton checks the rest); model.pick_tapa_impl asks, so that
-    attn_impl='auto' falls back to PyTorch otherwise."""
+def supports(head_dim, dtype, device=None):
+    """True when the kernel takes q, k, v of this head dim and dtype (on this GPU, if given;
+    tapa_attention_triton checks the rest); model.pick_tapa_impl asks, so that attn_impl='auto' falls
+    back to PyTorch otherwise."""
     return (HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1] and dtype in DTYPES
-            and not too_big_for_turing(head_dim, dtype, capability))
+            and not too_big_for_turing(head_dim, dtype, device))
 
 
-def too_big_for_turing(head_dim, dtype, capability):
+def too_big_for_turing(head_dim, dtype, device):
     """float32 above head dim 128 needs more shared memory than Turing's 64 KB (T4, RTX 20xx) with any
-    tiles here (see _tile_sizes)."""
-    return capability is not None and capability < (8, 0) and dtype == torch.float32 and head_dim > 128
+    tiles here (see _tile_sizes). The GPU is asked only in that case: every attention call asks this."""
+    return (dtype == torch.float32 and head_dim > 128 and device is not None and device.type == 'cuda'
+            and torch.cuda.get_device_capability(device) < (8, 0))
 
 
 # Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
@@ -806,7 +807,7 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
         raise ValueError(f"tapa_attention_triton: tensors are on {q.device}, but the fused kernel runs on "
                          f"CUDA GPUs only (to run it slowly on CPU, set TRITON_INTERPRET=1 before importing "
                          f"tapa_triton; or use attn_impl='chunked')")
-    if q.is_cuda and too_big_for_turing(D, q.dtype, torch.cuda.get_device_capability(q.device)):
+    if too_big_for_turing(D, q.dtype, q.device):
         raise ValueError(f"tapa_attention_triton: float32 at head dim {D} does not fit the shared memory of "
                          f"this GPU ({torch.cuda.get_device_name(q.device)}); use float16 inputs, or "
                          f"attn_impl='chunked'")

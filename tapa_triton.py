@@ -38,8 +38,9 @@ special-function unit (log2, exp2, cos, sin: 16 per clock per SM, against 128 mu
 with 4-5 operations per score. Since then: 4 warps for dK/dV (timed: -25%); cos and sin on the
 special-function unit after an exact reduction to one turn (_cos_sin_2pi), instead of library and
 Taylor-series code; |m-n|^alpha read from a table (_distance_weights) instead of a log2 and an exp2
-per score; constant factors folded into multiply-adds or applied once per row or block. Triton 3.6
-(as on that H200) now issues ~20, ~26 and ~35 instructions per score, with 2 (forward) and 3
+per score; constant factors folded into multiply-adds or applied once per row or block; no row
+tests in the loads of blocks that lie within the sequence (ROW_MASK). Triton 3.6 (as on that H200)
+now issues ~18, ~25 and ~30 instructions per score, with 2 (forward) and 3
 (backward) special-function operations (`python tests/test_tapa_triton_compile.py --worker --sass`
 prints the counts, no GPU needed); the effect on time is not measured yet. README.md, "Speed and
 memory", has the numbers.
@@ -116,35 +117,41 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+def _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr,
+               ROW_MASK: tl.constexpr):
     """Pointers to a (len(rows) x COLS) tile -- rows `rows` of a (n_rows x D) matrix, columns col0 ..
     col0+COLS -- and the mask of its real entries. COLS is a power of two >= 16 (what tl.dot wants);
     the real width n_cols may be smaller (say 48 of 64, or 8 of 16), and rows may run past the end of
-    the sequence: those entries are masked."""
+    the sequence: those entries are masked. ROW_MASK=False where the caller knows every row is real:
+    the row test costs four instructions per load in a main loop, whose loads otherwise need none."""
     cols = tl.arange(0, COLS)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    mask = cols[None, :] < n_cols
+    if ROW_MASK:
+        mask = mask & (rows[:, None] < n_rows)
     return ptr + rows[:, None] * stride_row + (col0 + cols)[None, :], mask
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+def _load_rows(ptr, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr,
+               ROW_MASK: tl.constexpr = True):
     """Load a tile (see _tile_ptrs); masked entries read as 0. Zero columns add nothing to a dot
     product, which is how widths that are not powers of two are handled."""
-    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols)
+    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols, ROW_MASK)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
     """The mirror of _load_rows: write only the real rows and columns."""
-    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols)
+    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols, True)
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _atomic_add_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr):
+def _atomic_add_rows(ptr, value, rows, n_rows, stride_row, col0, COLS: tl.constexpr, n_cols: tl.constexpr,
+                     ROW_MASK: tl.constexpr = True):
     """Add a tile to the real rows and columns, atomically (several programs add to the same rows)."""
-    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols)
+    ptrs, mask = _tile_ptrs(ptr, rows, n_rows, stride_row, col0, COLS, n_cols, ROW_MASK)
     tl.atomic_add(ptrs, value, mask=mask, sem='relaxed')
 
 
@@ -211,9 +218,11 @@ def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
               DOT_PREC: tl.constexpr):
     """Fold the key block [start_n, start_n + BLOCK_N) into one query block's running softmax."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
-    k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
-    v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
+    # Key rows past the end exist only in blocks that straddle the diagonal (see the caller's loops):
+    # the others load without the row test.
+    k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A, CAUSAL_MASK)
+    k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P, CAUSAL_MASK)
+    v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D, CAUSAL_MASK)
 
     # The two dot products, unscaled: their constant factors are folded into other operations below
     # (every multiply per score counts here, see _distance_weights).
@@ -370,17 +379,24 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
                D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, QUADRATIC: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-               DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               ROW_MASK: tl.constexpr, DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr):
     """Add the contribution of the query block [start_m, start_m + BLOCK_M) to one key block's dK, dV
     (and, with ATOMIC_DQ, add this tile's share of the queries' dQ to a float32 buffer).
     The tile is built transposed, keys x queries (as in the Triton fused-attention tutorial), so
     that dV += P^T dO and dK += dS^T q are plain matmuls of the tile, with no transpose of it."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A)
-    q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P)
-    do = _load_rows(DO_base, offs_m, Tq, stride_dot, 0, BLOCK_D, D)
-    lse = tl.load(LSE_base + offs_m, mask=offs_m < Tq, other=0.0)
-    delta = tl.load(DELTA_base + offs_m, mask=offs_m < Tq, other=0.0)
+    # ROW_MASK: this block may have query rows past the end (see the caller); they load as zeros
+    q_a = _load_rows(Q_base, offs_m, Tq, stride_qt, 0, BLOCK_DA, D_A, ROW_MASK)
+    q_p = _load_rows(Q_base, offs_m, Tq, stride_qt, D_A, BLOCK_DP, D_P, ROW_MASK)
+    do = _load_rows(DO_base, offs_m, Tq, stride_dot, 0, BLOCK_D, D, ROW_MASK)
+    if ROW_MASK:
+        lse = tl.load(LSE_base + offs_m, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(DELTA_base + offs_m, mask=offs_m < Tq, other=0.0)
+    else:  # int64 offsets from the block's start: their constant parts fold into the loads (as in
+        # _distance_weights), where int32 ones cost a 64-bit address computation per value
+        lse = tl.load(LSE_base + start_m + tl.arange(0, BLOCK_M).to(tl.int64))
+        delta = tl.load(DELTA_base + start_m + tl.arange(0, BLOCK_M).to(tl.int64))
 
     amp_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PREC)
     if QUADRATIC:
@@ -412,12 +428,12 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m, Q_base, DO
         # saves the dQ kernel, which would recompute the whole elementwise chain of every tile.
         # (The constant factors of dQ are applied to the whole buffer afterwards.)
         _atomic_add_rows(DQ_base, tl.dot(tl.trans(g_amp_t.to(k_a.dtype)), k_a, input_precision=DOT_PREC),
-                         offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A)
+                         offs_m, Tq, stride_dqt, 0, BLOCK_DA, D_A, ROW_MASK)
         if QUADRATIC:
             dq_p = _dot_phase_grad(tl.trans(g_phase_t), k_p, DOT_PREC, PHASE_GRAD_F32)
         else:  # the same value for every phase dim of query m: the column sum over these keys
             dq_p = tl.broadcast_to(tl.sum(g_phase_t, axis=0)[:, None], (BLOCK_M, BLOCK_DP))
-        _atomic_add_rows(DQ_base, dq_p, offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P)
+        _atomic_add_rows(DQ_base, dq_p, offs_m, Tq, stride_dqt, D_A, BLOCK_DP, D_P, ROW_MASK)
     return dk_a, dk_p, dsk, dv
 
 
@@ -431,7 +447,8 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, W, DK, DV, DQ,
                           D_A: tl.constexpr, D_P: tl.constexpr, D: tl.constexpr,
                           BLOCK_DA: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUADRATIC: tl.constexpr,
-                          DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                          DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                          TQ_TAIL: tl.constexpr):
     # one program = one block of BLOCK_N keys of one (batch, head); it walks over the query blocks
     # that can see these keys and accumulates dK and dV in registers
     pid_n = tl.program_id(0)
@@ -461,7 +478,9 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, W, DK, DV, DQ,
     # reach our last key, start_n + BLOCK_N - 1, tiles straddle the diagonal and need the mask; every
     # later query block sees all our keys. Blocks above the diagonal are skipped entirely.
     # (Query rows past Tq in the last block load as zeros with dO = 0 and Delta = 0, so they add
-    # exactly nothing; key rows past Tk are computed but never stored: no extra mask needed.)
+    # exactly nothing; key rows past Tk are computed but never stored: no extra mask needed. Such
+    # query rows exist only when Tq is not a multiple of BLOCK_M, TQ_TAIL: otherwise the loads of the
+    # main loop skip the row test.)
     shift = Tk - Tq
     lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
     masked_end = (tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -471,13 +490,13 @@ def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, W, DK, DV, DQ,
                                          Q_base, DO_base, LSE_base, DELTA_base, DQ_base, W, stride_qt,
                                          stride_dot, stride_dqt, Tq, Tk, shift, amp_scale,
                                          D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
-                                         QUADRATIC, True, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
+                                         QUADRATIC, True, True, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
     for start_m in range(masked_end, Tq, BLOCK_M):
         dk_a, dk_p, dsk, dv = _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, offs_n, start_m,
                                          Q_base, DO_base, LSE_base, DELTA_base, DQ_base, W, stride_qt,
                                          stride_dot, stride_dqt, Tq, Tk, shift, amp_scale,
                                          D_A, D_P, D, BLOCK_DA, BLOCK_DP, BLOCK_D, BLOCK_M,
-                                         QUADRATIC, False, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
+                                         QUADRATIC, False, TQ_TAIL, DOT_PREC, PHASE_GRAD_F32, ATOMIC_DQ)
 
     _store_qk_grad(DK + b * stride_dkb + h * stride_dkh, dk_a, dk_p, dsk, offs_n, Tk, stride_dkt, amp_scale,
                    D_A, D_P, BLOCK_DA, BLOCK_DP, QUADRATIC)
@@ -493,9 +512,11 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
              DOT_PREC: tl.constexpr, PHASE_GRAD_F32: tl.constexpr):
     """Add the contribution of the key block [start_n, start_n + BLOCK_N) to one query block's dQ."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A)
-    k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P)
-    v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D)
+    # Key rows past the end exist only in blocks that straddle the diagonal (see the caller's loops):
+    # the others load without the row test.
+    k_a = _load_rows(K_base, offs_n, Tk, stride_kt, 0, BLOCK_DA, D_A, CAUSAL_MASK)
+    k_p = _load_rows(K_base, offs_n, Tk, stride_kt, D_A, BLOCK_DP, D_P, CAUSAL_MASK)
+    v = _load_rows(V_base, offs_n, Tk, stride_vt, 0, BLOCK_D, D, CAUSAL_MASK)
     amp = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if QUADRATIC:
         phi = tl.dot(q_p, tl.trans(k_p), input_precision=DOT_PREC)
@@ -590,8 +611,8 @@ def _tile_sizes(dtype, block_d, capability):
     register report and the instructions per score, not by timing (float32 at head dim 128: 4 warps,
     40% fewer instructions per score than 8). `python tests/test_tapa_triton_compile.py --worker --all
     --sass` prints both. With Triton 3.9 and the alignment Triton assumes at run time, at head dims 64
-    and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 4 bytes (sm_120; nothing on the
-    others), float32 up to 148 bytes (dQ, head dim 128). Every kernel fits the consumer cards' 99 KB
+    and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 4 bytes (float16 dQ on sm_80;
+    nothing elsewhere), float32 up to 148 bytes (dQ, head dim 128). Every kernel fits the consumer cards' 99 KB
     of shared memory (at most 89 KB, float32 at head dim 256); on Turing (64 KB) all but float32 above
     head dim 128, which no tiles here fit (too_big_for_turing)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
@@ -729,6 +750,7 @@ class _TapaAttention(torch.autograd.Function):
                 q, k, v, do, lse, delta, table, dk, dv, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                 *_strides(dq), H, Tq, Tk, ctx.amp_scale, QUADRATIC=ctx.quadratic,
+                TQ_TAIL=Tq % launch['dkdv']['BLOCK_M'] != 0,
                 **_constants(_tapa_bwd_dkdv_kernel, ctx.cfg), **launch['dkdv'])
             if not atomic:
                 _tapa_bwd_dq_kernel[(triton.cdiv(Tq, launch['dq']['BLOCK_M']), B * H)](

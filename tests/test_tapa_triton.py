@@ -55,6 +55,18 @@ CASES = {
                                            alpha=0.5, layout='bthd', deterministic=False),
     'quadratic_D32_fp16_single_pass': dict(B=1, H=1, Tq=37, Tk=37, D=32, theta=0.5, phase='quadratic',
                                            alpha=0.5, dtype='float16', deterministic=False),
+    # query lengths that are multiples of the dK/dV kernel's BLOCK_M (as in training): its main loop
+    # then loads without the row tests (TQ_TAIL=False); B * H > 1, so a read past a row's end would
+    # take the next head's values
+    'quadratic_D32_whole_blocks': dict(B=2, H=2, Tq=48, Tk=48, D=32, theta=0.5, phase='quadratic', alpha=0.5),
+    'linear_D48_Tq<Tk_whole_blocks': dict(B=1, H=2, Tq=32, Tk=45, D=48, theta=0.5, phase='linear', alpha=0.5,
+                                          block_m=16, block_n=32),
+    'quadratic_D64_fp16_default_tiles_whole_blocks': dict(B=1, H=2, Tq=128, Tk=128, D=64, theta=0.5,
+                                                          phase='quadratic', alpha=0.1, dtype='float16',
+                                                          block_m=None, block_n=None),
+    'quadratic_single_pass_whole_blocks_strided': dict(B=2, H=2, Tq=32, Tk=32, D=32, theta=0.5,
+                                                       phase='quadratic', alpha=0.5, layout='bthd',
+                                                       deterministic=False),
     # the table of distance weights surrounded by NaN: a read of any entry outside the range the
     # kernels are meant to read (distances 0 .. Tk - 1, and up to a block further for the padding rows
     # of a partial last block, which still enter dK and dV with dO = 0) shows as NaN in the result
@@ -64,6 +76,8 @@ CASES = {
                                          block_m=32, block_n=16, poisoned_table=True),
     'quadratic_single_pass_poisoned_table': dict(B=1, H=1, Tq=50, Tk=50, D=32, theta=0.5, phase='quadratic',
                                                  alpha=0.5, deterministic=False, poisoned_table=True),
+    'quadratic_whole_blocks_poisoned_table': dict(B=1, H=1, Tq=32, Tk=53, D=32, theta=0.5, phase='quadratic',
+                                                  alpha=0.5, block_m=16, block_n=32, poisoned_table=True),
 }
 # Largest error allowed, relative to the largest magnitude of the float64 reference. float32 matches
 # it to ~3e-5 (as does model.py's own float32 path), float16 inputs to ~5e-4 (probabilities and

@@ -73,7 +73,9 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
     for name, kernel in kernels:
         block_m, block_n = launch[name]['BLOCK_M'], launch[name]['BLOCK_N']
         options = {key: launch[name][key] for key in ('num_warps', 'num_stages', 'enable_fp_fusion', 'maxnreg') if key in launch[name]}
-        constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic')
+        # TQ_TAIL=False: the query length is a multiple of the dK/dV kernel's block, as in training
+        # (True only adds the row tests of the last block's loads back)
+        constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic', TQ_TAIL=False)
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(kernel.arg_names):
             if arg in TENSOR_ARGS or arg in FLOAT32_ARGS or arg.startswith('stride'):

@@ -46,6 +46,8 @@ CASES = {
                                   layout='bthd'),
     'quadratic_D64_alpha.5': dict(B=1, H=2, Tq=2048, Tk=2048, D=64, theta=0.5, phase='quadratic', alpha=0.5),
     'quadratic_D64_8k':     dict(B=1, H=2, Tq=8192, Tk=8192, D=64, theta=0.5, phase='quadratic', alpha=0.1),
+    # query lengths that are whole dK/dV blocks: its main loop loads without row tests (TQ_TAIL=False)
+    'linear_D64_Tq<Tk_whole_blocks': dict(B=2, H=2, Tq=512, Tk=1000, D=64, theta=0.5, phase='linear', alpha=0.1),
     # the single-pass backward (deterministic=False: dQ added with atomics by the dK/dV kernel)
     'quadratic_D64_single_pass': dict(B=2, H=3, Tq=1000, Tk=1000, D=64, theta=0.5, phase='quadratic',
                                       alpha=0.1, deterministic=False),
@@ -53,6 +55,8 @@ CASES = {
                                     deterministic=False),
     'quadratic_D32_theta.25_Tq<Tk_single_pass': dict(B=2, H=2, Tq=300, Tk=1000, D=32, theta=0.25,
                                                      phase='quadratic', alpha=0.1, deterministic=False),
+    'quadratic_D64_single_pass_whole_blocks': dict(B=2, H=3, Tq=1024, Tk=1024, D=64, theta=0.5,
+                                                   phase='quadratic', alpha=0.1, deterministic=False),
 }
 DTYPES = ['bfloat16', 'float16', 'float32']
 BOUND = {'float32': 5e-5, 'float16': 3e-3, 'bfloat16': 1e-2}
@@ -122,7 +126,7 @@ def test_kernel_matches_float64(name, dtype):
             f"bound {BOUND[dtype]:.0e}")
 
 
-@pytest.mark.parametrize('Tq,Tk', [(1000, 1000), (300, 1000), (1, 2048)])
+@pytest.mark.parametrize('Tq,Tk', [(1000, 1000), (300, 1000), (1, 2048), (1024, 1024), (512, 1000)])
 @pytest.mark.parametrize('deterministic', [True, False])
 def test_reads_only_its_table_entries(monkeypatch, Tq, Tk, deterministic):
     """The table of distance weights surrounded by NaN (as in test_tapa_triton.py, here at the GPU's

@@ -55,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests_cuda 180 python3 -m pytest -q tests/test_tapa_triton_cuda.py
+step tests_cuda 180 python3 -m pytest -q $XDIST tests/test_tapa_triton_cuda.py
 step bench 240 python3 bench.py --impls rope_sdpa,nope_sdpa,tapa_naive,tapa_triton --repeats 10 \
     --out "$LOG_DIR/bench.json"
 step tiles_64 200 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16 --kernels single,dkdv,fwd,dq

@@ -179,6 +179,7 @@ def finetune(overrides):
     if mc.pos_encoding == 'rope' and not changes and not mc.rope_scaling:
         print("note: no --rope_scaling or --rope_base given: fine-tuning plain RoPE at the longer context "
               "(the baseline that PI, YaRN and ABF improve on)")
+    tag = method_name(mc, changes)  # before change_context, which writes the changes into mc
     if 'attn_impl' in given:  # how attention is computed may change (same function)
         changes['attn_impl'] = given['attn_impl']
     try:
@@ -207,7 +208,6 @@ def finetune(overrides):
         run['lr_decay_iters'] = max(run['max_iters'], run['warmup_iters'] + 1)
     if not run['out_dir']:
         base = os.path.dirname(ckpt_path) if not cfg['init_dir'] else cfg['init_dir'].rstrip('/\\')
-        tag = method_name(mc, changes)
         run['out_dir'] = f"{base}-ft{cfg['factor']:g}x" + (f"-{tag}" if tag else '')
     if os.path.abspath(os.path.join(run['out_dir'], 'ckpt.pt')) == ckpt_path:
         raise ConfigError(f"out_dir={run['out_dir']} holds the pretrained checkpoint; fine-tuning writes to a new "

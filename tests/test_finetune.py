@@ -148,12 +148,19 @@ def test_tapa_finetune_changes_only_the_context(tmp_path, pretrained):
     assert args['rope_scaling'] is None and args['rope_original_block_size'] is None
 
 
-def test_default_out_dir_names_the_method(tmp_path, pretrained):
+@pytest.mark.parametrize('ext, tag', [({'rope_scaling': 'yarn'}, 'yarn'), ({'rope_base': 5e5}, 'abf'),
+                                      ({'rope_scaling': 'yarn', 'rope_base': 5e5}, 'yarn-abf'), ({}, '')])
+def test_default_out_dir_names_the_method(tmp_path, pretrained, ext, tag):
+    # the README's commands evaluate out-tiny-rope-ft4x-abf etc.: each method gets its own folder
+    # (a YaRN + ABF run must not overwrite the plain YaRN one)
     import shutil
     src = str(tmp_path / 'out-rope')
     shutil.copytree(pretrained['rope'], src)
-    finetune_long.finetune({'init_dir': src, 'rope_scaling': 'yarn', **FT})
-    assert load(src + '-ft4x-yarn')['model_args']['rope_scaling'] == 'yarn'
+    finetune_long.finetune({'init_dir': src, **ext, **FT})
+    out = src + '-ft4x' + (f'-{tag}' if tag else '')
+    assert sorted(os.listdir(tmp_path)) == sorted(['out-rope', os.path.basename(out)])
+    args = load(out)['model_args']
+    assert args['rope_scaling'] == ext.get('rope_scaling') and args['rope_base'] == ext.get('rope_base', 10000.0)
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
+from configurator import HELP_FLAGS, print_help  # noqa: E402
 from data.common import load_split, read_meta  # noqa: E402
 
 settings = dict(name='run', pe='tapa', n_head=4, alpha=0.1, theta=0.5, phase='quadratic', lr=1e-3, iters=1000,
@@ -51,12 +52,16 @@ settings = dict(name='run', pe='tapa', n_head=4, alpha=0.1, theta=0.5, phase='qu
 
 
 def parse(argv):
+    if any(arg in HELP_FLAGS for arg in argv):  # usage and settings, as every script here prints them
+        print_help(__doc__, settings)
+        print('  --table  (print the table of every run in --results, train nothing)')
+        sys.exit(0)
     for arg in argv:
         if arg == '--table':
             continue
         key, _, value = arg.lstrip('-').partition('=')
         if key not in settings:
-            sys.exit(f"unknown setting {key!r}; known: {', '.join(settings)}")
+            sys.exit(f"unknown setting {key!r}; known: {', '.join(settings)}, and --table")
         default = settings[key]
         settings[key] = value.lower() in ('1', 'true') if isinstance(default, bool) else type(default)(value)
     return settings

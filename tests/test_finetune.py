@@ -345,3 +345,14 @@ def test_tapa_probe_table_takes_runs_with_different_lengths(tmp_path, capsys):
     assert lines[0].count('val loss @') == 3 and '@512' in lines[0]
     assert lines[2].startswith('| a |') and lines[2].endswith(f'| {math.exp(0.3):.2f} |')
     assert lines[3].startswith('| b |') and '| n/a |' in lines[3] and lines[3].endswith(f'| {math.exp(0.1):.2f} |')
+
+
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_tapa_probe_help(capsys, flag):
+    """experiments/tapa_probe.py -h: its usage and settings (as every script here), not 'unknown setting'."""
+    import tapa_probe
+    with pytest.raises(SystemExit) as e:
+        tapa_probe.parse([flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'what makes TAPA learn in a small model' in out and "  --phase_scale=1.0\n" in out and '--table' in out

@@ -221,10 +221,11 @@ def sliding_window_nll(model, docs, L, S, batch_size=1, autocast=nullcontext(), 
 
 def resolve_ckpt_path(path):
     """An out_dir or a ckpt.pt file -> the checkpoint file, with a useful error if there is none."""
-    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    p = path if os.path.isfile(path) or path.endswith('.pt') else os.path.join(path, 'ckpt.pt')
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"no checkpoint at {p}: pass --ckpt=<out_dir or path/to/ckpt.pt> "
-                                f"of a model trained with train.py (e.g. python train.py --out_dir={path})")
+        raise FileNotFoundError(f"no checkpoint at {p}: pass --ckpt=<out_dir or path/to/ckpt.pt> of a model "
+                                f"trained with train.py or fine-tuned with finetune_long.py (they write "
+                                f"<out_dir>/ckpt.pt)")
     return p
 
 

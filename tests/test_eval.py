@@ -402,6 +402,15 @@ def test_eval_ppl_refuses_meaningless_budgets(tmp_path, ckpt_and_data, arg, mess
     assert not os.path.exists(tmp_path / 'ppl.json')
 
 
+def test_eval_missing_checkpoint_names_the_scripts_that_write_one(tmp_path, ckpt_and_data):
+    _, data_dir = ckpt_and_data
+    for script in (eval_ppl, eval_passkey):
+        with pytest.raises(SystemExit, match=r"^error: no checkpoint at .*out-x-ft4x-abf.*ckpt\.pt: pass --ckpt=.*"
+                                             r"train\.py or fine-tuned with finetune_long\.py"):
+            script.main([f'--ckpt={tmp_path / "out-x-ft4x-abf"}', f'--data_dir={data_dir}', '--lengths=8',
+                         '--quiet=True', f'--out={tmp_path / "r"}'])
+
+
 def test_eval_unavailable_device_and_mismatched_weights(tmp_path, ckpt_and_data, monkeypatch):
     ckpt, data_dir = ckpt_and_data
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU

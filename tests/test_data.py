@@ -456,3 +456,15 @@ def test_pycode_prepare_deterministic(tmp_path):
             content = f.read()
         other = 'train' if split == 'validation' else 'validation'
         assert content in docs[split] and content not in docs[other]
+
+
+def test_pg19_prepare_wrong_source_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """--source that is not a folder of train/ validation/ test/: argparse's one-line error (exit 2),
+    naming the folder as seen from the current directory, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        pg19.main(['--tokenizer', 'byte', '--source', 'shared/pg19_mini', '--quiet'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"shared/pg19_mini/train does not exist (from {tmp_path}: {tmp_path}/shared/pg19_mini/train)" in err
+    assert 'train/ validation/ test/' in err

@@ -72,7 +72,8 @@ def local_split_files(source, split, num_books=None):
     """The <id>.txt files of one split of a local folder, in numeric id order, first num_books."""
     folder = os.path.join(source, split)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} does not exist: --source must be a folder holding "
+        where = '' if os.path.isabs(folder) else f" (from {os.getcwd()}: {os.path.abspath(folder)})"
+        raise FileNotFoundError(f"{folder} does not exist{where}: --source must be a folder holding "
                                 f"{'/ '.join(SPLITS)}/ subfolders of <id>.txt books")
     names = sorted((n for n in os.listdir(folder) if n.endswith('.txt')), key=book_sort_key)
     if not names:
@@ -293,7 +294,10 @@ def main(argv=None):
 
     t0 = time.time()
     if args.source:
-        split_paths = {s: local_split_files(args.source, s, args.num_books) for s in args.splits}
+        try:
+            split_paths = {s: local_split_files(args.source, s, args.num_books) for s in args.splits}
+        except FileNotFoundError as e:  # a wrong --source: one line, as argparse reports bad options
+            parser.error(str(e))
         where = os.path.abspath(args.source)
     else:
         download_metadata(args.base_url, args.download_dir)

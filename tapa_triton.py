@@ -71,7 +71,7 @@ try:
     _TRITON_IMPORT_ERROR = None
 except Exception as e:  # ImportError, or a broken install
     _TRITON_IMPORT_ERROR = e
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    triton = types.SimpleNamespace(jit=lambda fn=None, **options: fn if fn else (lambda f: f))
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
 
@@ -205,6 +205,15 @@ def _cos_sin_2pi(t):
     return cos_t, sin_t
 
 
+# The sequence lengths are not specialized on: by default Triton compiles a variant for integer
+# arguments that are multiples of 16 and assumes so, and with Tq and Tk multiples of 16 its alignment
+# analysis (Triton 3.0 ... 3.9) took W + (m - n) with n = start + j, j = 0, 1, ... for 16-byte aligned
+# and turned the dK/dV kernel's loads of the distance-weight table into 8-byte vector loads of
+# misaligned addresses: "CUDA error: misaligned address" at T = 2048 on an H100, while T = 1000 ran.
+# Without the assumption those loads stay 4-byte ones (as they were meant to: a table entry per score).
+LENGTHS = ['Tq', 'Tk']
+
+
 # -----------------------------------------------------------------------------
 # Forward
 
@@ -256,7 +265,7 @@ def _fwd_tile(acc, row_max, row_sum, q_a, q_p, sq, pos_m,
     return acc, new_max, row_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _tapa_fwd_kernel(Q, K, V, O, LSE, W,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
@@ -441,7 +450,7 @@ def _dkdv_step(dk_a, dk_p, dsk, dv, k_a, k_p, sk, v, start_n, start_m, Q_base, D
     return dk_a, dk_p, dsk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _tapa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, W, DK, DV, DQ,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
@@ -541,7 +550,7 @@ def _dq_step(dq_a, dq_p, dsq, q_a, q_p, sq, do, lse, delta, pos_m, start_n, K_ba
     return dq_a, dq_p, dsq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _tapa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, W, DQ,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,

@@ -78,9 +78,12 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
         constants = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, QUADRATIC=phase == 'quadratic', TQ_TAIL=False)
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(kernel.arg_names):
-            if arg in TENSOR_ARGS or arg in FLOAT32_ARGS or arg.startswith('stride'):
-                # what Triton assumes at run time of tensors' pointers and strides that are multiples
-                # of 16 (as in every model here): with it, loads become 16-byte vector loads
+            runtime_specialized = not getattr(kernel.params[i], 'do_not_specialize', False)
+            if runtime_specialized and (arg in TENSOR_ARGS or arg in FLOAT32_ARGS or arg.startswith('stride')
+                                        or arg in ('H', 'Tq', 'Tk')):
+                # what Triton assumes at run time of pointers and integers that are multiples of 16 (as
+                # in every model here, and lengths such as 2048), unless the kernel opts out
+                # (tapa_triton.LENGTHS): with it, loads become 16-byte vector loads
                 attrs[(i,)] = [['tt.divisibility', 16]]
             if arg in constants:
                 signature[arg] = 'constexpr'

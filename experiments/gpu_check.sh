@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks and measurements of the CUDA path, in one go, on one GPU: what to run after changing
-# tapa_triton.py, or on a new kind of GPU. About 8 minutes on an H200. In order of importance (with
+# tapa_triton.py, or on a new kind of GPU. About 7 minutes on an H100 (with pytest-xdist). In order of importance (with
 # a BUDGET, the later steps are the ones left out):
 #   tests_cuda tests/test_tapa_triton_cuda.py: the kernel against float64 on this GPU, and the model
 #              with it (the other tests run on any CPU)

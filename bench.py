@@ -117,10 +117,11 @@ def is_oom(e):
 #   VmHWM (peak RSS during the run) minus VmRSS right before it. glibc's malloc would otherwise keep
 #   freed memory around and reuse it unseen, so that process runs with MALLOC_MMAP_THRESHOLD_=65536
 #   and MALLOC_TRIM_THRESHOLD_=0: every large tensor gets its own mapping, returned to the kernel
-#   on free, and RSS follows the live tensors. Resolution: a few pages. The same process is also the
-#   memory cap: it limits its address space (RLIMIT_AS) to what it had plus --max_mem_gb, so a case
-#   that needs more fails with an allocation error, reported as 'skipped', instead of swapping or
-#   waking the OOM killer. Both include the gradients the backward returns (same for every case).
+#   on free, and RSS follows the live tensors. Resolution: a few dozen pages (the kernel's RSS
+#   counters are per CPU and read approximately). The same process is also the memory cap: it
+#   limits its address space (RLIMIT_AS) to what it had plus --max_mem_gb, so a case that needs
+#   more fails with an allocation error, reported as 'skipped', instead of swapping or waking the
+#   OOM killer. Both include the gradients the backward returns (same for every case).
 
 
 def read_proc_status():
@@ -144,7 +145,9 @@ def cpu_peak_memory(run, max_mem_bytes):
         f.write('5')  # reset VmHWM to the current RSS
     before = read_proc_status()['VmRSS']
     run()
-    return read_proc_status()['VmHWM'] - before
+    # The kernel keeps these counters per CPU and reads them approximately (off by up to a few dozen
+    # pages), so a case that adds less than that can read as a little below zero: that is 0.
+    return max(0, read_proc_status()['VmHWM'] - before)
 
 
 def memory_case_main(spec):

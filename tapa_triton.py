@@ -24,8 +24,9 @@ Here each (BLOCK_M x BLOCK_N) tile of scores lives only in registers:
             them). Two kernels, as in the Triton fused-attention tutorial: one program per key
             block accumulates dK and dV over the query blocks, one program per query block
             accumulates dQ over the key blocks. No atomics, so results are deterministic.
-            (deterministic=False: one kernel that also adds dQ with atomics, as FlashAttention-2's
-            CUDA code does; see tapa_attention_triton.)
+            Or one kernel that also adds dQ with atomics, as FlashAttention-2's CUDA code does:
+            faster, and the default where it was measured faster unless PyTorch's deterministic
+            mode is on, PyTorch's own rule for its FlashAttention (see tapa_attention_triton).
 
 Cost: the two products q_A.k_A and q_P.k_P together are one full-width q.k product (d_A + d_P = D),
 so the matrix-multiply work is that of FlashAttention (a bit more when d_A or d_P is not a power of
@@ -43,7 +44,9 @@ tests in the loads of blocks that lie within the sequence (ROW_MASK). Triton 3.6
 now issues ~18, ~25 and ~29 instructions per score, with 2 (forward) and 3
 (backward) special-function operations (`python tests/test_tapa_triton_compile.py --worker --sass`
 prints the counts, no GPU needed). Measured on an H100 with these: 2.06x the time of RoPE +
-FlashAttention at L = 8192 (forward 1.5x, backward 2.4x); README.md, "Speed and memory", has the numbers.
+FlashAttention at L = 8192 (forward 1.5x, backward 2.4x) with the two-kernel backward; about 1.84x
+with the single pass, from the same run's timings, now the default there (see tapa_attention_triton).
+README.md, "Speed and memory", has the numbers.
 
 Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
@@ -53,6 +56,7 @@ TRITON_INTERPRET=1 is set *before* this file is imported (slowly; tests/test_tap
 import contextlib
 import math
 import os
+import re
 import types
 
 import torch
@@ -69,8 +73,10 @@ try:
     except ImportError:  # older Triton
         from triton.language.extra.cuda import libdevice
     _TRITON_IMPORT_ERROR = None
+    TRITON_VERSION = tuple(int(part) for part in re.match(r'(\d+)\.(\d+)', triton.__version__).groups())
 except Exception as e:  # ImportError, or a broken install
     _TRITON_IMPORT_ERROR = e
+    TRITON_VERSION = (0, 0)
     triton = types.SimpleNamespace(jit=lambda fn=None, **options: fn if fn else (lambda f: f))
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
@@ -86,14 +92,30 @@ def supports(head_dim, dtype, device=None):
     tapa_attention_triton checks the rest); model.pick_tapa_impl asks, so that attn_impl='auto' falls
     back to PyTorch otherwise."""
     return (HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1] and dtype in DTYPES
-            and not too_big_for_turing(head_dim, dtype, device))
+            and turing_problem(head_dim, dtype, device) is None)
 
 
-def too_big_for_turing(head_dim, dtype, device):
-    """float32 above head dim 128 needs more shared memory than Turing's 64 KB (T4, RTX 20xx) with any
-    tiles here (see _tile_sizes). The GPU is asked only in that case: every attention call asks this."""
-    return (dtype == torch.float32 and head_dim > 128 and device is not None and device.type == 'cuda'
-            and torch.cuda.get_device_capability(device) < (8, 0))
+def turing_problem(head_dim, dtype, device):
+    """Why the kernels cannot take this head dim and dtype on a Turing GPU (T4, RTX 20xx), or None.
+    Only Turing has such limits, and the GPU is asked only in the cases they concern (every attention
+    call asks this):
+    - float32 above head dim 128 needs more shared memory than its 64 KB with any tiles here (see
+      _tile_sizes);
+    - Triton 3.0 to 3.3 (those of torch 2.4 to 2.7) fail to compile the float16 backward for it, with
+      an internal error ("map::at", "Unsupported rounding mode for conversion") in the quadratic
+      phase's float32 gradient matmuls; 3.4 on compile it. Both phases are refused: this check is not
+      told the phase. (Found by compiling for sm_75 with each of those versions.)"""
+    too_big = dtype == torch.float32 and head_dim > 128
+    old_triton = dtype == torch.float16 and TRITON_VERSION < (3, 4)
+    if not (too_big or old_triton) or device is None or device.type != 'cuda' \
+            or torch.cuda.get_device_capability(device) >= (8, 0):
+        return None
+    if too_big:
+        newer = ' (with Triton 3.4 or later)' if TRITON_VERSION < (3, 4) else ''
+        return (f"float32 at head dim {head_dim} does not fit the shared memory of this GPU; use float16 "
+                f"inputs{newer} or attn_impl='chunked'")
+    return (f"Triton {triton.__version__} cannot compile the float16 backward for this GPU (Triton 3.4 and "
+            f"later can: torch >= 2.8); use float32 inputs, a newer Triton, or attn_impl='chunked'")
 
 
 # Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
@@ -610,7 +632,7 @@ def _pow2(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def _tile_sizes(dtype, block_d, capability):
+def _tile_sizes(dtype, block_d, capability, single_pass=False):
     """(BLOCK_M, BLOCK_N, num_warps) of each kernel: BLOCK_M query rows x BLOCK_N key columns per tile.
       forward   one program per BLOCK_M queries, streaming keys BLOCK_N at a time;
       dK/dV     one program per BLOCK_N keys, streaming queries BLOCK_M at a time;
@@ -624,11 +646,11 @@ def _tile_sizes(dtype, block_d, capability):
     register report and the instructions per score, not by timing (float32 at head dim 128: 4 warps,
     40% fewer instructions per score than 8). `python tests/test_tapa_triton_compile.py --worker --all
     --sass` prints both. With Triton 3.9 and the alignment Triton assumes at run time, at head dims 64
-    and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 32 bytes (dK/dV at head dim 128
-    on sm_90; 24 in linear dK/dV on sm_120; 4 in float16 dQ on sm_80; nothing elsewhere), float32 up
-    to 148 bytes (dQ, head dim 128). Every kernel fits the consumer cards' 99 KB
-    of shared memory (at most 89 KB, float32 at head dim 256); on Turing (64 KB) all but float32 above
-    head dim 128, which no tiles here fit (too_big_for_turing)."""
+    and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 32 bytes (dK/dV at head dim 128 on
+    sm_90; 24 in linear dK/dV on sm_120; 4 in float16 dQ on sm_80; nothing elsewhere; the single
+    pass's wider Hopper tiles: see below), float32 up to 148 bytes (dQ, head dim 128). Every kernel
+    fits the consumer cards' 99 KB of shared memory (at most 89 KB, float32 at head dim 256); on
+    Turing (64 KB) all but float32 above head dim 128, which no tiles here fit (turing_problem)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))
@@ -636,21 +658,53 @@ def _tile_sizes(dtype, block_d, capability):
         if block_d > 128:  # these need 68-91 KB of shared memory; the tiles below, 143-158 KB at head
             return dict(fwd=(16, 16, 4), dkdv=(16, 16, 4), dq=(16, 16, 4))  # dim 256 (RTX cards: 99)
         return dict(fwd=(32, 32, 4), dkdv=(16, 16, 4), dq=(32, 16, 4))
+    hopper = capability[0] == 9
+    # single_pass: the dK/dV kernel of the single-pass backward (deterministic=False), which also
+    # multiplies out dQ and adds it with atomics. Wider key blocks mean fewer atomic additions per
+    # score (BLOCK_M * D per tile): on an H100 (bfloat16, L = 8192) its backward took 0.86x the time of
+    # the two-kernel one with 64 x 128 tiles and 8 warps, 0.93x with 32 x 64 (head dim 64); 0.92x with
+    # 32 x 128 and 8 warps at head dim 128, where the two-kernel dK/dV has 32 x 64. Measured on
+    # Hopper in bfloat16 only. ptxas spills 0-412 bytes with these tiles there (Triton 3.6-3.9, both
+    # phases; the timed build: 272 at head dim 64, 16 at 128); float16, whose phase-gradient matmuls
+    # take float32 operands, spills 80-584 and was not timed: it keeps the two-kernel dK/dV's tiles,
+    # as do the other GPUs.
+    wide_single = single_pass and hopper and dtype == torch.bfloat16
     if block_d <= 64:
-        return dict(fwd=(64, 64, 4), dkdv=(32, 64, 4), dq=(64, 32, 4))
-    if block_d <= 128:
+        dkdv = (64, 128, 8) if wide_single else (32, 64, 4)
+        tiles = dict(fwd=(64, 64, 4), dkdv=dkdv, dq=(64, 32, 4))
+    elif block_d <= 128:
         # Hopper (wgmma): dK/dV 32 x 64 took 0.77x the time of 32 x 32 on an H100 (bfloat16, L = 8192);
         # the other GPUs' compilers spill 0.2-9 KB with it, so they keep 32 x 32
-        hopper = capability[0] == 9
-        return dict(fwd=(64, 64, 4), dkdv=(32, 64, 4) if hopper else (32, 32, 4), dq=(64, 32, 4))
-    return dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))
+        dkdv = (32, 128, 8) if wide_single else (32, 64, 4) if hopper else (32, 32, 4)
+        tiles = dict(fwd=(64, 64, 4), dkdv=dkdv, dq=(64, 32, 4))
+    else:
+        tiles = dict(fwd=(64, 32, 8), dkdv=(16, 16, 4), dq=(32, 16, 4))
+    if hopper and TRITON_VERSION < (3, 2):
+        # Triton 3.0 and 3.1 (those of torch 2.4 and 2.5) crash (a segmentation fault, or an abort in
+        # LLVM translation) compiling two things for Hopper; 3.2 on compile both. (1) The forward at
+        # head dims above 64 whenever its P @ V becomes a wgmma, i.e. with BLOCK_M >= 64: 32-row
+        # blocks use the older mma instructions, which they compile. (2) The float16 single pass's
+        # dK/dV kernel with 32 x 64 tiles (16 x 64 too): 64 x 64 and 32 x 32 compile, and of those
+        # two 64 x 64 was the faster in bfloat16 at head dim 64 on the H100, 32 x 32 at head dim 128
+        # (not timed in float16).
+        if block_d > 64:
+            tiles['fwd'] = (32, 64, 4) if block_d <= 128 else (32, 32, 8)
+        if single_pass and dtype == torch.float16 and tiles['dkdv'] == (32, 64, 4):
+            tiles['dkdv'] = (64, 64, 4) if block_d <= 64 else (32, 32, 4)
+    return tiles
 
 
 def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, deterministic=True, capability=None):
     """(constants, launch options) of the three kernels for q's dtype and head dim, on q's GPU or on
-    the GPU `capability` names, e.g. (9, 0) (the compile test builds for GPUs it does not have)."""
+    the GPU `capability` names, e.g. (9, 0) (the compile test builds for GPUs it does not have).
+    deterministic=None: see tapa_attention_triton."""
     D = q.size(-1)
     dtype = q.dtype
+    if capability is None:
+        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0)
+    if deterministic is None:
+        deterministic = (torch.are_deterministic_algorithms_enabled()
+                         or not single_pass_is_faster(capability, dtype, D))
     cfg = dict(
         D_A=d_amp, D_P=D - d_amp, D=D,
         BLOCK_DA=_pow2(d_amp), BLOCK_DP=_pow2(D - d_amp), BLOCK_D=_pow2(D),
@@ -668,9 +722,7 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, determinis
         # deterministic=False: the single-pass backward, see tapa_attention_triton
         ATOMIC_DQ=not deterministic,
     )
-    if capability is None:
-        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0)
-    tiles = _tile_sizes(dtype, cfg['BLOCK_D'], capability)
+    tiles = _tile_sizes(dtype, cfg['BLOCK_D'], capability, single_pass=not deterministic)
     launch = {}
     for name, (bm, bn, nw) in tiles.items():
         # enable_fp_fusion: a multiply and an add become one fused multiply-add (the default up to
@@ -681,6 +733,14 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, determinis
             for option in ('num_warps', 'num_stages', 'enable_fp_fusion'):
                 launch[name].pop(option)
     return cfg, launch
+
+
+def single_pass_is_faster(capability, dtype, head_dim):
+    """Where the single-pass backward was measured faster than the two-kernel one, and so is the
+    default when PyTorch may be non-deterministic: Hopper GPUs (an H100), bfloat16, head dims 64 to 128
+    (measured at 64 and 128, see _tile_sizes). Not measured: float16, float32, other head dims, other
+    GPUs."""
+    return capability[0] == 9 and dtype == torch.bfloat16 and 64 <= head_dim <= 128
 
 
 def _constants(kernel, cfg):
@@ -778,7 +838,7 @@ class _TapaAttention(torch.autograd.Function):
         if atomic:  # the constant factors of dQ (the dQ kernel applies them itself): see "Backward"
             grad_scale = torch.full((D,), 1 / math.sqrt(ctx.d_amp), device=dq.device)
             grad_scale[ctx.d_amp:] *= -2 * math.pi
-            dq = dq * grad_scale
+            dq.mul_(grad_scale)  # in place: no second float32 copy of dQ
         return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 
@@ -795,7 +855,7 @@ def tapa_split(head_dim, theta):
     return d_amp, head_dim - d_amp
 
 
-def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, deterministic=True,
+def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, deterministic=None,
                           block_m=None, block_n=None, num_warps=None, num_stages=None):
     """Fused causal TAPA attention. q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, the queries
     being the last Tq positions. float16, bfloat16 or float32 (all three the same), CUDA tensors
@@ -806,8 +866,13 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
     kernel also adds each tile's share of dQ to a float32 buffer with atomics, instead of a second
     kernel that recomputes every tile's elementwise work, which is most of the backward's time. The
     order of those additions varies, so dQ can differ between runs by float32 rounding. On an H100
-    (bfloat16, head dim 64, L = 8192) it took 0.93x the time of the two-kernel backward, 0.74x at
-    head dim 128 with 32 x 64 tiles (experiments/triton_tiles.py times both)."""
+    (bfloat16, L = 8192) it took 0.86x the time of the two-kernel backward at head dim 64, 0.92x at
+    128 (experiments/triton_tiles.py times both).
+    deterministic=True: the two-kernel backward, the same bits on every run.
+    deterministic=None (the default): PyTorch's own rule for its FlashAttention backward, which adds
+    dQ with atomics too unless torch.use_deterministic_algorithms(True) is on; so the single pass
+    unless that is on, on the GPUs where it was measured faster (single_pass_is_faster), the two
+    kernels elsewhere."""
     if _TRITON_IMPORT_ERROR is not None:
         raise RuntimeError(f"tapa_attention_triton needs Triton (pip install triton; Linux + CUDA GPU): "
                            f"importing it failed with {_TRITON_IMPORT_ERROR!r}. Use attn_impl='chunked' instead.")
@@ -847,16 +912,17 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
         raise ValueError(f"tapa_attention_triton: tensors are on {q.device}, but the fused kernel runs on "
                          f"CUDA GPUs only (to run it slowly on CPU, set TRITON_INTERPRET=1 before importing "
                          f"tapa_triton; or use attn_impl='chunked')")
-    if too_big_for_turing(D, q.dtype, q.device):
-        raise ValueError(f"tapa_attention_triton: float32 at head dim {D} does not fit the shared memory of "
-                         f"this GPU ({torch.cuda.get_device_name(q.device)}); use float16 inputs, or "
-                         f"attn_impl='chunked'")
+    problem = turing_problem(D, q.dtype, q.device)
+    if problem:
+        raise ValueError(f"tapa_attention_triton on {torch.cuda.get_device_name(q.device)}: {problem}")
     if q.is_cuda and _INTERPRETED:
         raise ValueError("tapa_attention_triton: TRITON_INTERPRET=1 was set when tapa_triton was imported, "
                          "so the kernels run in Triton's CPU interpreter; pass CPU tensors, or unset it")
     # the kernels want unit stride along the head dim (any other layout is fine)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, bool(deterministic))
+    if deterministic is not None:
+        deterministic = bool(deterministic)
+    cfg, launch = _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, deterministic)
     return _apply(q, k, v, float(alpha), d_amp, phase == 'quadratic', cfg, launch)
 
 

@@ -72,10 +72,12 @@ def main():
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     d_amp, _ = tt.tapa_split(D, args.theta)
     quadratic = args.phase == 'quadratic'
-    cfg, default = tt._launch_config(q, d_amp, None, None, None, None)
+    cfg, default = tt._launch_config(q, d_amp, None, None, None, None, deterministic=True)
+    cfg_single, default_single = tt._launch_config(q, d_amp, None, None, None, None, deterministic=False)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"{args.dtype}, B={B} H={H} L={L} D={D}, {args.phase} phase")
-    print("defaults: " + ', '.join(f"{n} {tuple(c.values())}" for n, c in default.items()))
+    print("defaults: " + ', '.join(f"{n} {tuple(c.values())}" for n, c in default.items())
+          + f"; single pass: dkdv {tuple(default_single['dkdv'].values())}")
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode='median')
@@ -101,7 +103,6 @@ def main():
           f"{'vs default':>10s} {'TFLOP/s':>8s}")
     # 'single': the single-pass backward (deterministic=False), the dK/dV kernel adding dQ with
     # atomics; its rows are compared with the default two-kernel backward
-    cfg_single, _ = tt._launch_config(q, d_amp, None, None, None, None, deterministic=False)
     for name in args.kernels.split(','):
         base_ms = None
         if name == 'single':
@@ -109,10 +110,11 @@ def main():
             print(f"single: the single-pass backward; 'vs default' is against the two-kernel backward "
                   f"with default tiles, {base_ms:.3f} ms")
         tiles_of = 'dkdv' if name == 'single' else name  # the single pass runs in the dK/dV kernel
-        d = default[tiles_of]  # (under TRITON_INTERPRET=1 it has no num_warps / num_stages)
+        defaults = default_single if name == 'single' else default
+        d = defaults[tiles_of]  # (under TRITON_INTERPRET=1 it has no num_warps / num_stages)
         first = (d['BLOCK_M'], d['BLOCK_N'], d.get('num_warps', 4), d.get('num_stages', 2))
         for bm, bn, nw, ns, *maxnreg in [first] + [c for c in CANDIDATES[name] if c != first]:
-            launch = {n: dict(c) for n, c in default.items()}
+            launch = {n: dict(c) for n, c in defaults.items()}
             launch[tiles_of] = dict(d, BLOCK_M=bm, BLOCK_N=bn,  # the other options as the default's
                                     **(dict(num_warps=nw, num_stages=ns) if 'num_warps' in d else {}),
                                     **(dict(maxnreg=maxnreg[0]) if maxnreg else {}))

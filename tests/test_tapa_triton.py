@@ -67,6 +67,16 @@ CASES = {
     'quadratic_single_pass_whole_blocks_strided': dict(B=2, H=2, Tq=32, Tk=32, D=32, theta=0.5,
                                                        phase='quadratic', alpha=0.5, layout='bthd',
                                                        deterministic=False),
+    # the single pass with the wide tiles it takes on Hopper in bfloat16 (64 x 128 at head dim 64,
+    # 32 x 128 at 128; here float32, whose matmuls the interpreter gets right): a partial last block
+    # of queries, and whole ones
+    'quadratic_D64_single_pass_64x128': dict(B=1, H=2, Tq=150, Tk=200, D=64, theta=0.5, phase='quadratic',
+                                             alpha=0.1, block_m=64, block_n=128, deterministic=False),
+    'linear_D64_single_pass_64x128_whole_blocks': dict(B=1, H=2, Tq=256, Tk=256, D=64, theta=0.5,
+                                                       phase='linear', alpha=0.1, block_m=64, block_n=128,
+                                                       deterministic=False),
+    'quadratic_D128_single_pass_32x128': dict(B=1, H=2, Tq=160, Tk=160, D=128, theta=0.5, phase='quadratic',
+                                              alpha=0.1, block_m=32, block_n=128, deterministic=False),
     # the table of distance weights surrounded by NaN: a read of any entry outside the range the
     # kernels are meant to read (distances 0 .. Tk - 1, and up to a block further for the padding rows
     # of a partial last block, which still enter dK and dV with dO = 0) shows as NaN in the result
@@ -76,6 +86,9 @@ CASES = {
                                          block_m=32, block_n=16, poisoned_table=True),
     'quadratic_single_pass_poisoned_table': dict(B=1, H=1, Tq=50, Tk=50, D=32, theta=0.5, phase='quadratic',
                                                  alpha=0.5, deterministic=False, poisoned_table=True),
+    'quadratic_single_pass_64x128_poisoned_table': dict(B=1, H=1, Tq=100, Tk=150, D=64, theta=0.5,
+                                                        phase='quadratic', alpha=0.5, block_m=64, block_n=128,
+                                                        deterministic=False, poisoned_table=True),
     'quadratic_whole_blocks_poisoned_table': dict(B=1, H=1, Tq=32, Tk=53, D=32, theta=0.5, phase='quadratic',
                                                   alpha=0.5, block_m=16, block_n=32, poisoned_table=True),
 }
@@ -343,8 +356,95 @@ def test_auto_picks_the_kernel_only_where_it_runs(tt, monkeypatch):
     assert model.pick_tapa_impl('auto', gpu, 64, 64, 64, torch.float64) == 'naive'
     assert model.pick_tapa_impl('auto', cpu, 512, 512, 64, torch.float32) == 'chunked'
     assert model.pick_tapa_impl('naive', gpu, 512, 512, 64, torch.bfloat16) == 'naive'
+    # Triton 3.0 - 3.3 cannot compile the float16 backward for Turing: the chunked path there, and a
+    # clear error for attn_impl='triton'
+    monkeypatch.setattr(tt, 'TRITON_VERSION', (3, 3))
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float16) == 'chunked'
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float32) == 'triton'
+    assert 'cannot compile the float16 backward' in tt.turing_problem(64, torch.float16, gpu)
+    assert 'float16 inputs (with Triton 3.4 or later)' in tt.turing_problem(256, torch.float32, gpu)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 6))
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float16) == 'triton'
+    assert tt.turing_problem(256, torch.float32, gpu) is None
     monkeypatch.setattr(torch.version, 'hip', '6.2')
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.bfloat16) == 'chunked'
+
+
+def test_default_backward_follows_pytorch_deterministic_mode(tt, monkeypatch):
+    """deterministic=None (the default): the single-pass backward (atomics) where it was measured
+    faster -- Hopper, bfloat16, head dims 64 to 128 -- with its wide dK/dV tiles, unless PyTorch's
+    deterministic mode is on (PyTorch's own rule for its FlashAttention backward); the two-kernel
+    backward everywhere else. Explicit True / False win over both."""
+    import torch
+
+    def backward_of(D, dtype, capability, deterministic=None):
+        cfg, launch = tt._launch_config(torch.empty(1, 1, 1, D, dtype=dtype), D // 2, None, None, None, None,
+                                        deterministic=deterministic, capability=capability)
+        return cfg['ATOMIC_DQ'], (launch['dkdv']['BLOCK_M'], launch['dkdv']['BLOCK_N'], launch['dkdv']['num_warps'])
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    hopper, ampere, blackwell = (9, 0), (8, 0), (12, 0)
+    assert backward_of(64, bf16, hopper) == (True, (64, 128, 8))
+    assert backward_of(128, bf16, hopper) == (True, (32, 128, 8))
+    assert backward_of(96, bf16, hopper) == (True, (32, 128, 8))  # padded to 128
+    assert backward_of(64, bf16, ampere) == (False, (32, 64, 4))
+    assert backward_of(64, bf16, blackwell) == (False, (32, 64, 4))
+    assert backward_of(64, fp16, hopper) == (False, (32, 64, 4))
+    assert backward_of(64, fp32, hopper)[0] is False
+    assert backward_of(32, bf16, hopper)[0] is False
+    assert backward_of(256, bf16, hopper)[0] is False
+    assert backward_of(64, bf16, hopper, deterministic=True) == (False, (32, 64, 4))
+    assert backward_of(128, bf16, hopper, deterministic=True) == (False, (32, 64, 4))
+    assert backward_of(64, bf16, ampere, deterministic=False) == (True, (32, 64, 4))  # not the wide tiles
+    assert backward_of(64, fp16, hopper, deterministic=False) == (True, (32, 64, 4))
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for only_warn in (False, True):
+            torch.use_deterministic_algorithms(True, warn_only=only_warn)
+            assert backward_of(64, bf16, hopper) == (False, (32, 64, 4))
+            assert backward_of(64, bf16, hopper, deterministic=False)[0] is True
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    # and tapa_attention_triton's default reaches _launch_config as None, to be decided there
+    seen = []
+
+    def launch_config(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get('deterministic'))
+        raise KeyboardInterrupt  # stop before any kernel
+    monkeypatch.setattr(tt, '_INTERPRETED', True)  # CPU tensors accepted
+    monkeypatch.setattr(tt, '_launch_config', launch_config)
+    for kwargs in ({}, dict(deterministic=True), dict(deterministic=0)):
+        with pytest.raises(KeyboardInterrupt):
+            tt.tapa_attention_triton(*qkv(), 0.1, 0.5, **kwargs)
+    assert seen == [None, True, False]
+
+
+def test_tiles_that_old_triton_compiles_for_hopper(tt, monkeypatch):
+    """Triton 3.0 and 3.1 (torch 2.4 and 2.5) crash compiling for Hopper (1) the forward at head dims
+    above 64 with 64-row blocks (a wgmma for P @ V) and (2) the float16 single pass's dK/dV with 32 x 64
+    tiles: there the forward takes 32-row blocks and that dK/dV 64 x 64 or 32 x 32, which they compile
+    (checked by compiling with those Triton versions: `python tests/test_tapa_triton_compile.py --worker
+    --all`); other GPUs, dtypes, head dims and Triton versions keep their tiles."""
+    import torch
+    hopper, ampere = (9, 0), (8, 0)
+    bf16, fp16 = torch.bfloat16, torch.float16
+    for version, dtype, D, capability, single_pass, fwd, dkdv in [
+            ((3, 0), bf16, 128, hopper, False, (32, 64, 4), (32, 64, 4)),
+            ((3, 1), fp16, 128, hopper, False, (32, 64, 4), (32, 64, 4)),
+            ((3, 1), bf16, 256, hopper, False, (32, 32, 8), (16, 16, 4)),
+            ((3, 0), fp16, 64, hopper, True, (64, 64, 4), (64, 64, 4)),
+            ((3, 1), fp16, 128, hopper, True, (32, 64, 4), (32, 32, 4)),
+            ((3, 0), bf16, 64, hopper, True, (64, 64, 4), (64, 128, 8)),
+            ((3, 0), bf16, 128, hopper, True, (32, 64, 4), (32, 128, 8)),
+            ((3, 2), fp16, 128, hopper, True, (64, 64, 4), (32, 64, 4)),
+            ((3, 2), bf16, 128, hopper, False, (64, 64, 4), (32, 64, 4)),
+            ((3, 9), bf16, 256, hopper, False, (64, 32, 8), (16, 16, 4)),
+            ((3, 0), fp16, 64, hopper, False, (64, 64, 4), (32, 64, 4)),
+            ((3, 0), fp16, 128, ampere, True, (64, 64, 4), (32, 32, 4)),
+            ((3, 0), fp16, 64, ampere, True, (64, 64, 4), (32, 64, 4))]:
+        monkeypatch.setattr(tt, 'TRITON_VERSION', version)
+        tiles = tt._tile_sizes(dtype, D, capability, single_pass=single_pass)
+        assert (tiles['fwd'], tiles['dkdv']) == (fwd, dkdv), (version, dtype, D, capability, single_pass, tiles)
 
 
 def test_without_triton(monkeypatch):

@@ -36,10 +36,13 @@ HAS_TRITON = importlib.util.find_spec('triton') is not None
 # A fifth element True: the single-pass backward (deterministic=False, dQ added with atomics).
 CASES = [((9, 0), 'bfloat16', 64, 'quadratic'), ((9, 0), 'float16', 64, 'quadratic'),
          ((9, 0), 'float32', 64, 'quadratic'), ((8, 0), 'bfloat16', 128, 'linear'),
-         ((9, 0), 'bfloat16', 64, 'linear', True), ((8, 6), 'float32', 256, 'quadratic')]
+         ((9, 0), 'bfloat16', 64, 'linear', True), ((9, 0), 'bfloat16', 128, 'quadratic', True),
+         ((8, 6), 'float32', 256, 'quadratic')]
 ALL_CASES = [(cap, dtype, D, phase) for cap in ((7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (12, 0))
              for dtype in ('bfloat16', 'float16', 'float32') for D in (32, 64, 128, 256)
-             for phase in ('quadratic', 'linear') if not (cap == (7, 5) and dtype == 'bfloat16')]
+             for phase in ('quadratic', 'linear') if not (cap == (7, 5) and dtype == 'bfloat16')] + \
+    [(cap, dtype, D, phase, True) for cap in ((8, 0), (9, 0)) for dtype in ('bfloat16', 'float16')
+     for D in (64, 128) for phase in ('quadratic', 'linear')]  # and the single pass
 
 # The most shared memory one program may use on each GPU (CUDA's "maximum shared memory per block,
 # opt-in"): a kernel that needs more fails to launch there. The consumer cards have much less than the
@@ -114,17 +117,19 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
 
 
 def ast_source(ASTSource, kernel, signature, constexprs, attrs):
-    """ASTSource in this Triton's API: newer Triton takes constexprs= and attrs keyed by (index,);
-    Triton 3.0 (the one torch 2.4 pairs with) takes the non-constexpr signature, constants by name
-    and an AttrsDescriptor of the 16-divisible argument indices."""
+    """ASTSource in this Triton's API: newer Triton (3.3 on) takes constexprs= and attrs keyed by
+    (index,); Triton 3.0 to 3.2 (torch 2.4 to 2.6) take the non-constexpr signature, constants by name
+    and an AttrsDescriptor of the 16-divisible argument indices (3.2 builds it from hints)."""
     import inspect
     if 'constexprs' in inspect.signature(ASTSource).parameters:
         return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     from triton.compiler.compiler import AttrsDescriptor
     names = kernel.arg_names
     divisible = {i for (i,), a in attrs.items() if ['tt.divisibility', 16] in a and signature[names[i]] != 'constexpr'}
+    descriptor = (AttrsDescriptor.from_hints({i: 16 for i in divisible}) if hasattr(AttrsDescriptor, 'from_hints')
+                  else AttrsDescriptor(divisible_by_16=divisible))
     return ASTSource(kernel, {k: v for k, v in signature.items() if v != 'constexpr'},
-                     {names[i]: v for (i,), v in constexprs.items()}, AttrsDescriptor(divisible_by_16=divisible))
+                     {names[i]: v for (i,), v in constexprs.items()}, descriptor)
 
 
 def ptxas_report(ptx, cap):

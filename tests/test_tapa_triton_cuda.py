@@ -142,6 +142,24 @@ def test_reads_only_its_table_entries(monkeypatch, Tq, Tk, deterministic):
         assert torch.isfinite(t).all(), f"{name} has NaN: a read outside the table's valid entries"
 
 
+def test_default_is_reproducible_in_deterministic_mode():
+    """The default backward follows PyTorch's deterministic mode (on Hopper in bfloat16 it is otherwise
+    the single pass, whose atomic additions come in a varying order): with the mode on, two backward
+    passes give the same bits."""
+    g = torch.Generator(device='cuda').manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2048, 64, device='cuda', generator=g).bfloat16().requires_grad_() for _ in range(3))
+    do = torch.randn(2, 4, 2048, 64, device='cuda', generator=g).bfloat16()
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: other ops may lack a deterministic path
+        runs = [torch.autograd.grad(tapa_triton.tapa_attention_triton(q, k, v, 0.1, 0.5), (q, k, v), do)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    for name, a, b in zip(('dq', 'dk', 'dv'), *runs):
+        assert torch.equal(a, b), f"{name} differs between two runs in deterministic mode"
+
+
 def test_cos_sin_of_turns_on_the_gpu():
     """The kernels' cos/sin of 2*pi*t (an exact reduction to one turn, then the GPU's special-function
     unit) against float64, from a fraction of a turn to 10^4 turns: within 1e-6, where a plain float32

@@ -58,6 +58,7 @@ import math
 import os
 import re
 import types
+import warnings
 
 import torch
 
@@ -73,7 +74,8 @@ try:
     except ImportError:  # older Triton
         from triton.language.extra.cuda import libdevice
     _TRITON_IMPORT_ERROR = None
-    TRITON_VERSION = tuple(int(part) for part in re.match(r'(\d+)\.(\d+)', triton.__version__).groups())
+    _version = re.match(r'(\d+)\.(\d+)', triton.__version__)  # '3.4.0', '3.5.0+git1234abcd'
+    TRITON_VERSION = (int(_version.group(1)), int(_version.group(2))) if _version else (99, 0)
 except Exception as e:  # ImportError, or a broken install
     _TRITON_IMPORT_ERROR = e
     TRITON_VERSION = (0, 0)
@@ -114,8 +116,9 @@ def turing_problem(head_dim, dtype, device):
         newer = ' (with Triton 3.4 or later)' if TRITON_VERSION < (3, 4) else ''
         return (f"float32 at head dim {head_dim} does not fit the shared memory of this GPU; use float16 "
                 f"inputs{newer} or attn_impl='chunked'")
+    float32 = 'float32 inputs, ' if head_dim <= 128 else ''
     return (f"Triton {triton.__version__} cannot compile the float16 backward for this GPU (Triton 3.4 and "
-            f"later can: torch >= 2.8); use float32 inputs, a newer Triton, or attn_impl='chunked'")
+            f"later can: torch >= 2.8); use {float32}a newer Triton, or attn_impl='chunked'")
 
 
 # Triton's CPU interpreter replaces the GPU compiler when TRITON_INTERPRET=1. The @triton.jit
@@ -647,8 +650,9 @@ def _tile_sizes(dtype, block_d, capability, single_pass=False):
     40% fewer instructions per score than 8). `python tests/test_tapa_triton_compile.py --worker --all
     --sass` prints both. With Triton 3.9 and the alignment Triton assumes at run time, at head dims 64
     and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 32 bytes (dK/dV at head dim 128 on
-    sm_90; 24 in linear dK/dV on sm_120; 4 in float16 dQ on sm_80; nothing elsewhere; the single
-    pass's wider Hopper tiles: see below), float32 up to 148 bytes (dQ, head dim 128). Every kernel
+    sm_90; 24 in linear dK/dV on sm_120; 4 in float16 dQ on sm_80; nothing elsewhere), but the single
+    pass's dK/dV up to 180 (412 with its wider Hopper tiles, see below), float32 up to 148 bytes (dQ,
+    head dim 128). Every kernel
     fits the consumer cards' 99 KB of shared memory (at most 89 KB, float32 at head dim 256); on
     Turing (64 KB) all but float32 above head dim 128, which no tiles here fit (turing_problem)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
@@ -684,9 +688,10 @@ def _tile_sizes(dtype, block_d, capability, single_pass=False):
         # LLVM translation) compiling two things for Hopper; 3.2 on compile both. (1) The forward at
         # head dims above 64 whenever its P @ V becomes a wgmma, i.e. with BLOCK_M >= 64: 32-row
         # blocks use the older mma instructions, which they compile. (2) The float16 single pass's
-        # dK/dV kernel with 32 x 64 tiles (16 x 64 too): 64 x 64 and 32 x 32 compile, and of those
-        # two 64 x 64 was the faster in bfloat16 at head dim 64 on the H100, 32 x 32 at head dim 128
-        # (not timed in float16).
+        # dK/dV kernel with 32 x 64 tiles (16 x 64 too) in the quadratic phase (this function is not
+        # told the phase: both take the workaround): 64 x 64 and 32 x 32 compile, and of those two
+        # 64 x 64 was the faster in bfloat16 at head dim 64 on the H100, 32 x 32 at head dim 128 (not
+        # timed in float16).
         if block_d > 64:
             tiles['fwd'] = (32, 64, 4) if block_d <= 128 else (32, 32, 8)
         if single_pass and dtype == torch.float16 and tiles['dkdv'] == (32, 64, 4):
@@ -703,8 +708,14 @@ def _launch_config(q, d_amp, block_m, block_n, num_warps, num_stages, determinis
     if capability is None:
         capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0)
     if deterministic is None:
-        deterministic = (torch.are_deterministic_algorithms_enabled()
-                         or not single_pass_is_faster(capability, dtype, D))
+        deterministic = not single_pass_is_faster(capability, dtype, D)
+        if not deterministic and torch.are_deterministic_algorithms_enabled():
+            if torch.is_deterministic_algorithms_warn_only_enabled():  # as PyTorch's flash backward
+                warnings.warn("tapa_attention_triton defaults to a non-deterministic backward on this GPU. To "
+                              "enable determinism call torch.use_deterministic_algorithms(True, warn_only=False) "
+                              "or pass deterministic=True.")
+            else:
+                deterministic = True
     cfg = dict(
         D_A=d_amp, D_P=D - d_amp, D=D,
         BLOCK_DA=_pow2(d_amp), BLOCK_DP=_pow2(D - d_amp), BLOCK_D=_pow2(D),
@@ -869,10 +880,11 @@ def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, determini
     (bfloat16, L = 8192) it took 0.86x the time of the two-kernel backward at head dim 64, 0.92x at
     128 (experiments/triton_tiles.py times both).
     deterministic=True: the two-kernel backward, the same bits on every run.
-    deterministic=None (the default): PyTorch's own rule for its FlashAttention backward, which adds
-    dQ with atomics too unless torch.use_deterministic_algorithms(True) is on; so the single pass
-    unless that is on, on the GPUs where it was measured faster (single_pass_is_faster), the two
-    kernels elsewhere."""
+    deterministic=None (the default): the single pass where single_pass_is_faster() (Hopper, bfloat16,
+    head dims 64 to 128) unless torch.use_deterministic_algorithms(True) is on; otherwise the two
+    kernels. That is PyTorch's own rule for its FlashAttention backward, which also adds dQ with
+    atomics unless that mode is on (with warn_only=True both stay non-deterministic, and warn). The
+    choice is made when the forward runs (the backward is launched with what it chose)."""
     if _TRITON_IMPORT_ERROR is not None:
         raise RuntimeError(f"tapa_attention_triton needs Triton (pip install triton; Linux + CUDA GPU): "
                            f"importing it failed with {_TRITON_IMPORT_ERROR!r}. Use attn_impl='chunked' instead.")

@@ -9,7 +9,8 @@ two keep their defaults, at one realistic shape, so you can see whether your GPU
     python experiments/triton_tiles.py --head_dim 128 --n_head 8 --dtype float16
 
 'single' times the single-pass backward (tapa_attention_triton(..., deterministic=False): the dK/dV
-kernel also adds dQ with atomics) against the default two-kernel backward.
+kernel also adds dQ with atomics; the default on Hopper in bfloat16) against the two-kernel backward
+(deterministic=True) with its default tiles.
 
 The forward is timed alone (no autograd); a kernel of the backward is timed as the whole backward
 (dK/dV + dQ + the small Delta pass) with that kernel's tiles changed, so differences between rows of
@@ -102,13 +103,13 @@ def main():
     print(f"{'kernel':6s} {'BLOCK_M':>7s} {'BLOCK_N':>7s} {'warps':>5s} {'stages':>6s} {'maxnreg':>7s} {'ms':>9s} "
           f"{'vs default':>10s} {'TFLOP/s':>8s}")
     # 'single': the single-pass backward (deterministic=False), the dK/dV kernel adding dQ with
-    # atomics; its rows are compared with the default two-kernel backward
+    # atomics; its rows are compared with the two-kernel backward (deterministic=True)
     for name in args.kernels.split(','):
         base_ms = None
         if name == 'single':
             base_ms = backward_ms(lambda: tt._apply(q, k, v, args.alpha, d_amp, quadratic, cfg, default))
             print(f"single: the single-pass backward; 'vs default' is against the two-kernel backward "
-                  f"with default tiles, {base_ms:.3f} ms")
+                  f"(deterministic=True) with its default tiles, {base_ms:.3f} ms")
         tiles_of = 'dkdv' if name == 'single' else name  # the single pass runs in the dK/dV kernel
         defaults = default_single if name == 'single' else default
         d = defaults[tiles_of]  # (under TRITON_INTERPRET=1 it has no num_warps / num_stages)

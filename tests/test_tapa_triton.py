@@ -361,8 +361,14 @@ def test_auto_picks_the_kernel_only_where_it_runs(tt, monkeypatch):
     monkeypatch.setattr(tt, 'TRITON_VERSION', (3, 3))
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float16) == 'chunked'
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float32) == 'triton'
-    assert 'cannot compile the float16 backward' in tt.turing_problem(64, torch.float16, gpu)
+    assert 'use float32 inputs, a newer Triton' in tt.turing_problem(64, torch.float16, gpu)
+    assert 'use a newer Triton' in tt.turing_problem(256, torch.float16, gpu)  # float32 does not fit there
     assert 'float16 inputs (with Triton 3.4 or later)' in tt.turing_problem(256, torch.float32, gpu)
+    monkeypatch.setattr(tt, 'TRITON_VERSION', (3, 4))
+    assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float16) == 'triton'
+    assert tt.turing_problem(256, torch.float16, gpu) is None
+    assert tt.turing_problem(256, torch.float32, gpu).endswith("use float16 inputs or attn_impl='chunked'")
+    monkeypatch.setattr(tt, 'TRITON_VERSION', (3, 3))
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 6))
     assert model.pick_tapa_impl('auto', gpu, 512, 512, 64, torch.float16) == 'triton'
     assert tt.turing_problem(256, torch.float32, gpu) is None
@@ -373,8 +379,9 @@ def test_auto_picks_the_kernel_only_where_it_runs(tt, monkeypatch):
 def test_default_backward_follows_pytorch_deterministic_mode(tt, monkeypatch):
     """deterministic=None (the default): the single-pass backward (atomics) where it was measured
     faster -- Hopper, bfloat16, head dims 64 to 128 -- with its wide dK/dV tiles, unless PyTorch's
-    deterministic mode is on (PyTorch's own rule for its FlashAttention backward); the two-kernel
-    backward everywhere else. Explicit True / False win over both."""
+    deterministic mode is on (PyTorch's own rule for its FlashAttention backward: with warn_only=True
+    it stays non-deterministic and warns); the two-kernel backward everywhere else. Explicit True /
+    False win over both."""
     import torch
 
     def backward_of(D, dtype, capability, deterministic=None):
@@ -399,10 +406,13 @@ def test_default_backward_follows_pytorch_deterministic_mode(tt, monkeypatch):
     assert backward_of(64, fp16, hopper, deterministic=False) == (True, (32, 64, 4))
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        for only_warn in (False, True):
-            torch.use_deterministic_algorithms(True, warn_only=only_warn)
-            assert backward_of(64, bf16, hopper) == (False, (32, 64, 4))
-            assert backward_of(64, bf16, hopper, deterministic=False)[0] is True
+        torch.use_deterministic_algorithms(True)
+        assert backward_of(64, bf16, hopper) == (False, (32, 64, 4))
+        assert backward_of(128, bf16, hopper) == (False, (32, 64, 4))
+        assert backward_of(64, bf16, hopper, deterministic=False)[0] is True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match='non-deterministic backward'):
+            assert backward_of(64, bf16, hopper) == (True, (64, 128, 8))
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
     # and tapa_attention_triton's default reaches _launch_config as None, to be decided there

@@ -142,22 +142,26 @@ def test_reads_only_its_table_entries(monkeypatch, Tq, Tk, deterministic):
         assert torch.isfinite(t).all(), f"{name} has NaN: a read outside the table's valid entries"
 
 
-def test_default_is_reproducible_in_deterministic_mode():
-    """The default backward follows PyTorch's deterministic mode (on Hopper in bfloat16 it is otherwise
-    the single pass, whose atomic additions come in a varying order): with the mode on, two backward
-    passes give the same bits."""
+def test_default_follows_deterministic_mode():
+    """With torch.use_deterministic_algorithms(True) the default backward is the two-kernel one (on
+    Hopper in bfloat16 it is otherwise the single pass, whose atomic additions come in a varying
+    order): the same bits as deterministic=True, twice."""
     g = torch.Generator(device='cuda').manual_seed(0)
     q, k, v = (torch.randn(2, 4, 2048, 64, device='cuda', generator=g).bfloat16().requires_grad_() for _ in range(3))
     do = torch.randn(2, 4, 2048, 64, device='cuda', generator=g).bfloat16()
+
+    def grads(**kwargs):
+        return torch.autograd.grad(tapa_triton.tapa_attention_triton(q, k, v, 0.1, 0.5, **kwargs), (q, k, v), do)
+    two_kernels = grads(deterministic=True)
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: other ops may lack a deterministic path
-        runs = [torch.autograd.grad(tapa_triton.tapa_attention_triton(q, k, v, 0.1, 0.5), (q, k, v), do)
-                for _ in range(2)]
+        torch.use_deterministic_algorithms(True)
+        runs = [grads() for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
-    for name, a, b in zip(('dq', 'dk', 'dv'), *runs):
-        assert torch.equal(a, b), f"{name} differs between two runs in deterministic mode"
+    for run in runs:
+        for name, a, b in zip(('dq', 'dk', 'dv'), run, two_kernels):
+            assert torch.equal(a, b), f"{name}: in deterministic mode the default is not the two-kernel backward"
 
 
 def test_cos_sin_of_turns_on_the_gpu():

@@ -429,6 +429,28 @@ def test_default_backward_follows_pytorch_deterministic_mode(tt, monkeypatch):
     assert seen == [None, True, False]
 
 
+def test_launch_policy_traces_under_torch_compile(tt):
+    """train.py compiles the model on a GPU, and torch.compile traces tapa_attention_triton down to the
+    kernel launch (which it leaves alone): the choice of backward and tiles must trace as Python
+    constants, without a graph break (fullgraph=True fails on one), and follow a later switch of
+    PyTorch's deterministic mode (the compiled code is guarded on it)."""
+    import torch
+
+    def scaled_by_policy(q):
+        cfg, launch = tt._launch_config(q, 32, None, None, None, None, deterministic=None, capability=(9, 0))
+        return q * (2.0 if cfg['ATOMIC_DQ'] else 3.0) + launch['dkdv']['BLOCK_N']
+    compiled = torch.compile(scaled_by_policy, fullgraph=True, backend='eager')
+    q = torch.ones(1, 1, 4, 64, dtype=torch.bfloat16)
+    assert compiled(q)[0, 0, 0, 0].item() == 2.0 + 128  # single pass, 64 x 128 tiles
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert torch.compile(scaled_by_policy, backend='eager')(q)[0, 0, 0, 0].item() == 3.0 + 64
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    torch._dynamo.reset()
+
+
 def test_tiles_that_old_triton_compiles_for_hopper(tt, monkeypatch):
     """Triton 3.0 and 3.1 (torch 2.4 and 2.5) crash compiling for Hopper (1) the forward at head dims
     above 64 with 64-row blocks (a wgmma for P @ V) and (2) the float16 single pass's dK/dV with 32 x 64

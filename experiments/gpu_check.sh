@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The checks and measurements of the CUDA path, in one go, on one GPU: what to run after changing
-# tapa_triton.py, or on a new kind of GPU. About 7 minutes on an H100 (with pytest-xdist). In order of importance (with
-# a BUDGET, the later steps are the ones left out):
+# tapa_triton.py, or on a new kind of GPU. About 7 minutes on an H100 (with pytest-xdist) before the
+# ablate step was added (not run yet; its limit is 4 minutes). In order of importance (with a BUDGET,
+# the later steps are the ones left out):
 #   tests_cuda tests/test_tapa_triton_cuda.py: the kernel against float64 on this GPU, and the model
 #              with it (the other tests run on any CPU)
 #   bench      bench.py: RoPE+SDPA, NoPE+SDPA, TAPA naive and TAPA triton, L = 512..16384, bfloat16
 #   tiles_64   experiments/triton_tiles.py: the single-pass backward (deterministic=False) against the
 #              default, then other tile sizes of each kernel (dK/dV first, the costliest), head dim 64
 #   errors     the table of the kernel's errors next to PyTorch's own in the same dtype
+#   ablate     experiments/triton_ablate.py: the kernels without the distance-weight table, without
+#              the hardware cos/sin, without both (what each costs), head dim 64
 #   train_*    a few steps of train.py with torch.compile (GPT-2 small on prepared PG-19 GPT-2 tokens;
 #              skipped if data/pg19/gpt2 is not prepared), TAPA then RoPE: tokens/s of the whole model
 #   bench_*    bench.py at head dim 128, and the chunked PyTorch path (the fallback without Triton)
@@ -60,6 +63,7 @@ step bench 240 python3 bench.py --impls rope_sdpa,nope_sdpa,tapa_naive,tapa_trit
     --out "$LOG_DIR/bench.json"
 step tiles_64 200 python3 experiments/triton_tiles.py --head_dim 64 --n_head 16 --kernels single,dkdv,fwd,dq
 step errors 150 python3 tests/test_tapa_triton_cuda.py
+step ablate 240 python3 experiments/triton_ablate.py --head_dim 64 --n_head 16
 train tapa
 step bench_128 120 python3 bench.py --impls rope_sdpa,tapa_triton --head_dim 128 --n_head 8 --lengths 2048,8192,16384 \
     --repeats 10 --out "$LOG_DIR/bench_128.json"

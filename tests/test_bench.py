@@ -168,7 +168,7 @@ def test_gpu_check_runs_only_flags_its_scripts_take():
     from configurator import get_overrides
     commands = gpu_check_commands()
     scripts = {script for script, _ in commands}
-    assert {'bench.py', 'train.py', 'experiments/triton_tiles.py'} <= scripts, scripts
+    assert {'bench.py', 'train.py', 'experiments/triton_tiles.py', 'experiments/triton_ablate.py'} <= scripts, scripts
     for script, args in commands:
         if script == 'bench.py':
             parsed = bench.build_parser().parse_args(args)
@@ -177,6 +177,10 @@ def test_gpu_check_runs_only_flags_its_scripts_take():
             tiles = importlib.import_module('triton_tiles')
             parsed = tiles.build_parser().parse_args(args)
             assert set(parsed.kernels.split(',')) <= set(tiles.CANDIDATES), args
+        elif script == 'experiments/triton_ablate.py':
+            ablate = importlib.import_module('triton_ablate')
+            parsed = ablate.build_parser().parse_args(args)
+            assert set(parsed.variants.split(',')) <= set(ablate.VARIANTS), args
         elif script == 'train.py':
             assert os.path.exists(os.path.join(ROOT, args[0])), args[0]
             overrides = get_overrides(train.DEFAULTS, [os.path.join(ROOT, args[0])] + args[1:], train.OPTIONAL_TYPES)

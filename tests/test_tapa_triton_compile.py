@@ -107,7 +107,11 @@ def compile_case(cap, dtype_name, D, phase, atomic_dq=False, theta=0.5, report_r
                    shared_bytes=compiled.metadata.shared,
                    mma=len(re.findall(r'\bmma\.sync', ptx)), wgmma=len(re.findall(r'\bwgmma\.mma_async', ptx)),
                    fma=len(re.findall(r'\bfma\.rn\.f32', ptx)),
-                   atomics=len(re.findall(r'\b(?:red|atom)\.global', ptx)))
+                   atomics=len(re.findall(r'\b(?:red|atom)\.global', ptx)),
+                   # the hardware cos / sin, and the asynchronous copies of fewer than 16 bytes (those of
+                   # the distance-weight table: 4 bytes per score; K, V, Q, dO take 16-byte ones)
+                   cos_sin=len(re.findall(r'\b(?:cos|sin)\.approx', ptx)),
+                   small_async_copies=len(re.findall(r'\bcp\.async\.ca\b', ptx)))
         if report_registers:
             out.update(ptxas_report(ptx, cap))
         if report_sass:
@@ -183,6 +187,14 @@ def loop_instructions(cubin, scores_per_thread):
                 loop_top_ops={op: round(n / scores_per_thread, 1) for op, n in body.most_common(8)})
 
 
+def ablation_worker(variant):
+    """Worker side: experiments/triton_ablate.py's variant swapped in, the kernels compiled for sm_90."""
+    sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+    import triton_ablate
+    triton_ablate.use_variant(variant)
+    print(json.dumps(compile_case((9, 0), 'bfloat16', 64, 'quadratic')))
+
+
 @pytest.fixture(scope='module')
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
@@ -225,6 +237,31 @@ def worker(cases, report_registers, report_sass=False):
         print(case, results[repr(case)], file=sys.stderr, flush=True)
     print(json.dumps(results))
 
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+def test_ablation_variants_remove_what_they_say():
+    """experiments/triton_ablate.py times the kernels with the distance-weight table or the hardware
+    cos/sin swapped out. The swap must reach the compiled kernels (Triton resolves a kernel's helper
+    functions when it compiles it), and remove that and nothing else."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['OMP_NUM_THREADS'] = '1'
+    counts = {}
+    for variant in ('baseline', 'no_table', 'no_cos'):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--ablation', variant], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kernel, base in counts['baseline'].items():
+        no_table, no_cos = counts['no_table'][kernel], counts['no_cos'][kernel]
+        assert base['cos_sin'] > 0 and no_cos['cos_sin'] == 0 and no_table['cos_sin'] == base['cos_sin'], kernel
+        assert no_table['small_async_copies'] < base['small_async_copies'] == no_cos['small_async_copies'], kernel
+        assert no_table['wgmma'] == no_cos['wgmma'] == base['wgmma'], kernel
+
+
+if __name__ == '__main__' and '--ablation' in sys.argv:
+    os.environ.pop('TRITON_INTERPRET', None)
+    sys.path.insert(0, ROOT)
+    ablation_worker(sys.argv[sys.argv.index('--ablation') + 1])
 
 if __name__ == '__main__' and '--worker' in sys.argv:
     os.environ.pop('TRITON_INTERPRET', None)  # before tapa_triton (or triton) is imported

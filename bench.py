@@ -234,6 +234,8 @@ def bench_length(what, L, impls, args, device, dtype, results):
                 r['status'] = m['status']
                 if m['status'] != 'ok':
                     r['error'] = m.get('error', '')
+                    if m['status'] == 'error':  # a bug or a bad setting, not a size limit: say which
+                        print(f"{what} {impl} L={L}: {r['error']}", file=sys.stderr, flush=True)
                     continue
                 r['mem_mb'] = m['mem_bytes'] / 2**20
                 runs[impl] = (make_case(what, impl, L, args, device, dtype), r)

@@ -213,14 +213,19 @@ def answer_and_score(model, prompts, answers, n_new, autocast):
 
 
 def tokenizer_name(m, explicit=''):
-    """The tokenizer a checkpoint was trained with: --tokenizer, else its train config, else a guess
-    from the vocab size."""
-    if explicit:
-        return explicit
+    """The tokenizer a checkpoint was trained with: its train config, else --tokenizer, else a guess
+    from the vocab size. A --tokenizer that contradicts the checkpoint is an error: the other
+    tokenizer's ids either index past the model's embeddings or, silently, mean other text."""
     name = m['train_config'].get('tokenizer')
-    if name:
-        return name
     vocab = m['model'].config.vocab_size
+    if explicit and name and explicit != name:
+        raise ValueError(f"--tokenizer={explicit}, but {m['path']} was trained with the {name} tokenizer "
+                         f"(drop --tokenizer: it is read from the checkpoint)")
+    if explicit == 'gpt2' and vocab < 50257:
+        raise ValueError(f"--tokenizer=gpt2, but {m['path']} has only {vocab} token embeddings, fewer than "
+                         f"GPT-2's 50257 tokens: use --tokenizer=byte")
+    if explicit or name:
+        return explicit or name
     if vocab == 256:
         return 'byte'
     if vocab >= 50257:

@@ -139,6 +139,10 @@ def check_resume(overrides):
     if not overrides.get('out_dir'):
         raise ConfigError("--init_from=resume continues the fine-tune in --out_dir: pass it")
     saved = train.load_checkpoint(os.path.join(overrides['out_dir'], 'ckpt.pt'))['config']
+    if not saved.get('init_ckpt'):  # resuming it here would go on pretraining, into the pretrained checkpoint
+        raise ConfigError(f"{overrides['out_dir']}/ckpt.pt is a pretraining run (train.py), not a fine-tune: "
+                          f"continue it with python train.py --init_from=resume --out_dir={overrides['out_dir']}, "
+                          f"or fine-tune it with --init_dir={overrides['out_dir']} (a new --out_dir is made for it)")
     differ = [f"--{k}={overrides[k]!r} (it has {saved.get(k)!r})" for k in FT_KEYS
               if k in overrides and k not in ('init_ckpt', 'init_dir') and overrides[k] != saved.get(k)]
     if overrides.get('init_ckpt') or overrides.get('init_dir'):  # the same command again, + --init_from=resume
@@ -228,5 +232,5 @@ if __name__ == '__main__':
         finetune(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES, doc=__doc__))  # -h: usage and settings
     except (ConfigError, train.TrainError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: continue from the last checkpoint with --init_from=resume (same --out_dir)")
+    except KeyboardInterrupt as e:  # train.train() says what there is to continue from
+        sys.exit(f"\n{e or 'interrupted'}")

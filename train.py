@@ -140,9 +140,12 @@ def check_settings(cfg):
     for k in ('beta1', 'beta2'):
         need(0 <= cfg[k] < 1, k, 'within [0, 1)', "AdamW's decay rates of its gradient averages; 0.9 and 0.95-0.999 are usual")
     need(cfg['weight_decay'] >= 0, 'weight_decay', '>= 0', '0 = none')
+    need(cfg['grad_clip'] >= 0, 'grad_clip', '>= 0', 'the largest gradient norm; 0 = no clipping')
     need(0 <= cfg['dropout'] < 1, 'dropout', 'within [0, 1)', 'the probability of zeroing an activation; 0 = off')
     need(0 <= cfg['seed'] < 2**32, 'seed', 'within [0, 2**32)', "numpy's seeds are 32-bit")
     need(cfg['out_dir'] != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
+    need(not os.path.isfile(cfg['out_dir']), 'out_dir', 'a folder, not an existing file',
+         'where ckpt.pt and log.jsonl are written')
     if cfg['pos_encoding'] == 'rope':
         need(cfg['rope_base'] > 1, 'rope_base', '> 1', 'pair i rotates at base^(-2i/D) radians per token: '
              'only a base above 1 gives the slower and slower rotations RoPE relies on; 10000 is usual')
@@ -563,15 +566,14 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                 'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator, device),
                 'elapsed_s': time.time() - t_start, 'format_version': FORMAT_VERSION}
 
-    def last_good():
-        if not os.path.exists(ckpt_path):
-            return "no checkpoint had been written yet"
-        try:
-            return f"{ckpt_path} (iter {load_checkpoint(ckpt_path)['iter_num']}) is the last good checkpoint"
-        except TrainError:
-            return f"{ckpt_path} is the last checkpoint, but it cannot be read"
-
     start_iter, resumed = iter_num, cfg['init_from'] == 'resume'
+    saved_iter = iter_num if resumed else None  # the iteration of this run's checkpoint on disk
+
+    def last_good():  # this run's, not a ckpt.pt an earlier run in this out_dir left (a new run replaces it)
+        if saved_iter is None:
+            return "this run had not saved a checkpoint yet"
+        return f"{ckpt_path} (iter {saved_iter}) is the last good checkpoint"
+
     losses = {}
     t_start = time.time() - elapsed_before  # elapsed time carries on across resumes
     t_last, iters_since_log = time.time(), 0
@@ -606,6 +608,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                 best_val_loss = min(best_val_loss, losses['validation'])
                 if iter_num > 0 and (improved or cfg['always_save_checkpoint'] or at_end):
                     save_checkpoint(make_checkpoint(), out_dir)
+                    saved_iter = iter_num
                     tqdm.write(f"saved {ckpt_path}")
                 t_last, iters_since_log = time.time(), 0  # evaluation time doesn't count towards tokens/s
             if at_end:
@@ -646,6 +649,14 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                 bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', tok_s=f'{tokens_per_s:,.0f}')
             iter_num += 1
             bar.update(1)
+    except KeyboardInterrupt:
+        # say what there is to continue from: saves come only with evaluations (when the val loss improved)
+        if saved_iter is None:
+            raise KeyboardInterrupt(f"interrupted at iter {iter_num}, before this run saved a checkpoint (it saves "
+                                    f"at evaluations, every eval_interval={cfg['eval_interval']} iters): nothing "
+                                    f"to continue from; run it again") from None
+        raise KeyboardInterrupt(f"interrupted at iter {iter_num}: continue from the last checkpoint, {ckpt_path} "
+                                f"at iter {saved_iter}, with --init_from=resume (same --out_dir)") from None
     finally:
         bar.close()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'val_loss': losses.get('validation'),
@@ -657,5 +668,5 @@ if __name__ == '__main__':
         train(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES, doc=__doc__))  # -h: usage and settings
     except (ConfigError, TrainError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: continue from the last checkpoint with --init_from=resume (same --out_dir)")
+    except KeyboardInterrupt as e:  # train() says what there is to continue from
+        sys.exit(f"\n{e or 'interrupted'}")

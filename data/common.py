@@ -206,8 +206,12 @@ def read_meta(data_dir):
         raise FileNotFoundError(
             f"no prepared data in {data_dir} ({path} is missing; an interrupted prepare leaves "
             f"none either). Prepare it first:\n    {prepare_command(data_dir)}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the folder is damaged. Prepare it again:\n"
+                         f"    {prepare_command(data_dir)}") from None
 
 
 def load_split(data_dir, split):

@@ -77,6 +77,7 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path):
                            '--phase', 'cubic', '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert 'errors (not out of memory) in: attn tapa_naive' in proc.stderr
+    assert "attn tapa_naive L=64: " in proc.stderr and 'cubic' in proc.stderr  # the reason, printed "above"
     results = {r['impl']: r for r in json.loads(out.read_text())['results']}
     assert results['rope_sdpa']['status'] == 'ok' and results['rope_sdpa']['time_ms'] > 0
     assert results['tapa_naive']['status'] == 'error' and 'cubic' in results['tapa_naive']['error']

@@ -227,6 +227,17 @@ def test_interrupted_prepare_leaves_no_meta(tmp_path):
         common.read_meta(out)  # the old meta.json must not vouch for the new files
 
 
+def test_damaged_meta_is_a_clear_error(tmp_path):
+    out = str(tmp_path / 'data' / 'pg19' / 'byte')
+    common.prepare_splits(out, 'pg19', 'byte', {'train': make_books(str(tmp_path / 'a'), ["abc"])},
+                          source='t', num_proc=1, quiet=True)
+    with open(os.path.join(out, 'meta.json'), 'w') as f:
+        f.write('{"tokenizer": "byte", ')  # cut short
+    with pytest.raises(ValueError, match=r"meta\.json is not valid JSON .*damaged\. Prepare it again:\n"
+                                         r"    python data/pg19/prepare.py"):
+        common.read_meta(out)
+
+
 # -----------------------------------------------------------------------------
 # data/pg19/prepare.py from a local folder
 

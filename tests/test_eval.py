@@ -435,6 +435,22 @@ def test_eval_passkey_refuses_a_zero_batch(tmp_path, ckpt_and_data):
                            '--batch_size=0', f'--out={tmp_path / "pk"}'])
 
 
+def test_eval_passkey_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(tmp_path, ckpt_and_data):
+    """GPT-2 ids index past a byte model's 256 embeddings (an IndexError deep in torch), and byte ids
+    fed to a GPT-2 model mean other text (silently wrong scores): both are refused up front."""
+    ckpt, _ = ckpt_and_data  # a byte model that records its tokenizer
+    args = [f'--ckpt={ckpt}', '--lengths=110', '--num_trials=1', '--quiet=True', '--device=cpu', f'--out={tmp_path / "pk"}']
+    with pytest.raises(SystemExit, match=r"^error: --tokenizer=gpt2, but .* was trained with the byte tokenizer"):
+        eval_passkey.main(args + ['--tokenizer=gpt2'])
+    checkpoint = torch.load(os.path.join(ckpt, 'ckpt.pt'), weights_only=True)
+    del checkpoint['config']['tokenizer']  # an older checkpoint that does not record it
+    torch.save(checkpoint, os.path.join(ckpt, 'ckpt.pt'))
+    with pytest.raises(SystemExit, match=r"^error: --tokenizer=gpt2, but .* has only 256 token embeddings"):
+        eval_passkey.main(args + ['--tokenizer=gpt2'])
+    eval_passkey.main(args + ['--tokenizer=byte'])  # the right one, given by hand
+    assert os.path.exists(tmp_path / 'pk.json')
+
+
 @pytest.mark.parametrize('script, first_line, setting', [
     (eval_ppl, 'Long-context perplexity: how well', '  --max_factor=16\n'),
     (eval_passkey, 'Passkey retrieval: can a model fetch', '  --num_trials=5\n'),

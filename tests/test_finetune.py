@@ -240,6 +240,12 @@ def test_bad_input(tmp_path, pretrained):
         finetune_long.finetune({'init_dir': str(tmp_path / 'nothing')})
     with pytest.raises(ConfigError, match='n_layer'):  # the architecture is the pretrained model's
         finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': str(tmp_path / 'd'), 'n_layer': 3, **FT})
+    # --init_from=resume on a pretraining run: it would go on pretraining, over the pretrained checkpoint
+    before = load(pretrained['rope'])['iter_num']
+    with pytest.raises(ConfigError, match=r'is a pretraining run \(train\.py\), not a fine-tune: continue it with '
+                                          r'python train\.py --init_from=resume'):
+        finetune_long.finetune({'out_dir': pretrained['rope'], 'init_from': 'resume', 'max_iters': 1000})
+    assert load(pretrained['rope'])['iter_num'] == before
 
 
 def test_resume_continues_exactly(tmp_path, pretrained):

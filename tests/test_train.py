@@ -373,6 +373,8 @@ def test_block_size_larger_than_the_data(tmp_path):
     ({'n_embd': 0}, r"n_embd=0 is too small"),
     ({'n_layer': -1}, r"n_layer=-1 is too small"),
     ({'out_dir': ''}, r"out_dir='' must be a folder name"),
+    ({'out_dir': __file__}, r"out_dir='.*test_train\.py' must be a folder, not an existing file"),
+    ({'grad_clip': -1.0}, r"grad_clip=-1\.0 must be >= 0 \(the largest gradient norm; 0 = no clipping\)"),
     ({'tokenizer': 'bpe'}, r"tokenizer='bpe' must be one of \('byte', 'gpt2'\)"),
     ({'pos_encoding': 'rope', 'rope_base': 1.0}, r"rope_base=1\.0 must be > 1"),
     ({'pos_encoding': 'rope', 'rope_scaling': 'yarn', 'rope_factor': 2.0, 'yarn_beta_fast': 0.0},
@@ -392,7 +394,7 @@ def test_range_checks_apply_only_where_a_setting_is_used():
     train.resolve_config({**TINY, 'decay_lr': False, 'min_lr': -1.0})
     # the edges of the ranges are in them; a learning rate of 0 is a run whose steps change nothing
     train.resolve_config({**TINY, 'learning_rate': 0.0, 'min_lr': 0.0, 'beta1': 0.0, 'dropout': 0.0,
-                          'seed': 2**32 - 1, 'warmup_iters': 0, 'weight_decay': 0.0})
+                          'seed': 2**32 - 1, 'warmup_iters': 0, 'weight_decay': 0.0, 'grad_clip': 0.0})
 
 
 def test_unavailable_device_or_unknown_dtype_is_a_clear_error(monkeypatch):
@@ -502,6 +504,33 @@ def test_resume_refuses_conflicting_architecture(trained):
                                       'learning_rate': 1e-4, 'min_lr': 1e-5, 'dropout': 0.1})
     assert cfg['learning_rate'] == 1e-4 and cfg['min_lr'] == 1e-5 and cfg['dropout'] == 0.1
     assert cfg['batch_size'] == 8 and cfg['n_embd'] == 32 and cfg['out_dir'] == out_dir
+
+
+def test_interrupt_says_what_there_is_to_continue_from(tmp_path, data_dir, trained, monkeypatch):
+    """Ctrl-C: the message names this run's last checkpoint and its iteration, or says there is none
+    yet -- also when the out_dir holds an earlier run's ckpt.pt, which a new run replaces."""
+    get_lr = train.get_lr
+
+    def interrupt_at(n):
+        def lr(it, cfg):
+            if it == n:
+                raise KeyboardInterrupt
+            return get_lr(it, cfg)
+        monkeypatch.setattr(train, 'get_lr', lr)
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(trained[0], out_dir)  # an earlier run's ckpt.pt (iter 30) is there
+    settings = {**TINY, 'data_dir': data_dir, 'out_dir': out_dir, 'max_iters': 20, 'eval_interval': 5}
+    interrupt_at(3)
+    with pytest.raises(KeyboardInterrupt, match=r'interrupted at iter 3, before this run saved a checkpoint'):
+        train.train(settings)
+    interrupt_at(7)  # saved at iter 5
+    with pytest.raises(KeyboardInterrupt, match=r'interrupted at iter 7: continue from the last checkpoint, '
+                                                r'.*ckpt\.pt at iter 5, with --init_from=resume'):
+        train.train(settings)
+    interrupt_at(12)  # resumed from 5, saved again at 10
+    with pytest.raises(KeyboardInterrupt, match=r'at iter 10, with --init_from=resume'):
+        train.train({'init_from': 'resume', 'out_dir': out_dir})
+    assert train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['iter_num'] == 10
 
 
 @pytest.mark.parametrize('caught_by', ['training loss', 'validation loss'])

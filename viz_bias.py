@@ -702,6 +702,50 @@ def ckpt_label(path, config):
     return f'{pe} [{name}]'
 
 
+def check_settings(cfg):
+    """The figures' own settings, before any computation: a bad one otherwise surfaces as a traceback
+    from deep inside numpy or torch, possibly after minutes of other figures."""
+    def fail(key, rule):
+        raise SystemExit(f"viz_bias.py: --{key}={cfg[key]} {rule}")
+
+    def numbers(key, cast=float):
+        try:
+            return parse_list(cfg[key], cast)
+        except ValueError:
+            fail(key, f"must be comma-separated {'whole ' if cast is int else ''}numbers")
+    bases = numbers('rope_bases')
+    if not bases or not min(bases) > 1:
+        fail('rope_bases', 'must be RoPE bases, numbers > 1 (pair i turns at base^(-2i/D) radians per token)')
+    if cfg['head_dim'] < 2 or cfg['head_dim'] % 2:
+        fail('head_dim', 'must be even and at least 2 (RoPE rotates pairs of dims)')
+    for key in ('near', 'far'):
+        window = numbers(key, int)
+        if len(window) != 2 or not 0 <= window[0] < window[1]:
+            fail(key, 'must be a window of distances lo,hi with 0 <= lo < hi')
+    try:
+        pairs = [tuple(float(v) for v in pair.split(':')) for pair in str(cfg['tapa_settings']).split(',') if pair]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        fail('tapa_settings', 'must be alpha:theta pairs, e.g. 1.0:0.75,0.1:0.5')
+    for key, D, (alpha, theta) in ([('tapa_theta', cfg['head_dim'], (cfg['tapa_alpha'], cfg['tapa_theta']))]
+                                   + [('tapa_settings', cfg['tapa_small_head_dim'], p) for p in pairs]):
+        if not alpha > 0:
+            fail(key, f"has alpha={alpha:g}: TAPA's alpha must be > 0")
+        try:
+            tapa_split(D, theta)
+        except ValueError as e:
+            fail(key, f"does not fit: {e}")
+    for key in ('mc_samples', 'tapa_mc_samples'):
+        if cfg[key] < 1:
+            fail(key, 'must be at least 1')
+    for key in ('d_short', 'd_long', 'seq_len'):
+        if cfg[key] < 0:
+            fail(key, 'must be >= 0 (0: the default)')
+    if cfg['d_short'] and cfg['d_long'] and not cfg['d_short'] < cfg['d_long']:
+        fail('d_short', f"must be less than --d_long={cfg['d_long']} (near distances, then far ones)")
+
+
 def check_map_settings(cfg, path, config):
     """--map_layer and --map_head must exist in the model (negative ones count from the end)."""
     for key, n, what in (('map_layer', config.n_layer, 'layers'), ('map_head', config.n_head, 'heads')):
@@ -839,6 +883,7 @@ def main(argv=None):
     for key in ('n_seqs', 'map_len'):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]} must be at least 1")
+    check_settings(cfg)
     get_pyplot()  # fail early, before any computation, if matplotlib is missing
     # the checkpoints too: a wrong path or setting should not wait for the theory figures
     checkpoints = []

@@ -63,7 +63,25 @@ def parse(argv):
         if key not in settings:
             sys.exit(f"unknown setting {key!r}; known: {', '.join(settings)}, and --table")
         default = settings[key]
-        settings[key] = value.lower() in ('1', 'true') if isinstance(default, bool) else type(default)(value)
+        if isinstance(default, bool):
+            if value.lower() not in ('1', 'true', '0', 'false'):
+                sys.exit(f"--{key}={value}: expected True or False")
+            settings[key] = value.lower() in ('1', 'true')
+            continue
+        try:
+            settings[key] = type(default)(value)
+        except ValueError:
+            sys.exit(f"--{key}={value}: expected a {type(default).__name__} (the default is {default!r})")
+    choices = {'pe': M.POS_ENCODINGS, 'phase': ('quadratic', 'linear'), 'qk_norm': ('none', 'amp', 'phase', 'both')}
+    for key, allowed in choices.items():
+        if settings[key] not in allowed:
+            sys.exit(f"--{key}={settings[key]}: expected one of {', '.join(allowed)}")
+    try:
+        lengths = [int(x) for x in settings['eval_lengths'].split(',') if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        sys.exit(f"--eval_lengths={settings['eval_lengths']}: expected comma-separated positive integers")
     return settings
 
 
@@ -143,8 +161,15 @@ def main():
         return print_table(s['results'])
     torch.set_num_threads(s['threads'])
     torch.manual_seed(s['seed'])
-    train_tokens, _ = load_split(s['data_dir'], 'train')
-    val_tokens, _ = load_split(s['data_dir'], 'validation')
+    try:  # missing or damaged data: the message names the prepare command
+        train_tokens, _ = load_split(s['data_dir'], 'train')
+        val_tokens, _ = load_split(s['data_dir'], 'validation')
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    longest = max(int(x) for x in s['eval_lengths'].split(',') if x.strip())
+    if longest + 1 >= len(val_tokens):  # found now, not after the training
+        sys.exit(f"--eval_lengths: {longest} tokens do not fit in the validation split of {s['data_dir']} "
+                 f"({len(val_tokens)} tokens)")
     model, phase_rows = build(s)
     matrices = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(('gain', 'bias'))]
     others = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith(('gain', 'bias'))]

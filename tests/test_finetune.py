@@ -362,3 +362,27 @@ def test_tapa_probe_help(capsys, flag):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert 'what makes TAPA learn in a small model' in out and "  --phase_scale=1.0\n" in out and '--table' in out
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--phase_scale=abc', r"--phase_scale=abc: expected a float \(the default is 1\.0\)"),
+    ('--pe=foo', r"--pe=foo: expected one of tapa, rope, alibi, nope, learned"),
+    ('--qk_norm=all', r"--qk_norm=all: expected one of none, amp, phase, both"),
+    ('--eval_lengths=abc', r"--eval_lengths=abc: expected comma-separated positive integers"),
+    ('--eval_lengths=0', r"--eval_lengths=0: expected comma-separated positive integers"),
+    ('--bias=maybe', r"--bias=maybe: expected True or False"),
+])
+def test_tapa_probe_bad_settings_are_one_line_errors(monkeypatch, arg, message):
+    """experiments/tapa_probe.py: a mistyped setting is a one-line message, not a traceback (or, for
+    --eval_lengths, a failure after the whole training)."""
+    import tapa_probe
+    monkeypatch.setattr(tapa_probe, 'settings', dict(tapa_probe.DEFAULTS))  # parse() fills it in
+    with pytest.raises(SystemExit, match=message):
+        tapa_probe.parse([arg])
+
+
+@pytest.mark.parametrize('lengths', ['abc', '0,128', ''])
+def test_paper_in_miniature_bad_lengths(tmp_path, lengths):
+    with pytest.raises(ConfigError, match=r"--lengths=.* must be comma-separated positive integers"):
+        paper_in_miniature.main([f'--lengths={lengths}', f'--out={tmp_path / "m"}'])
+    assert not (tmp_path / 'm').exists()  # refused before anything is written

@@ -245,6 +245,28 @@ def test_out_of_range_settings(tmp_path, arg, message):
     assert not (tmp_path / 'figs' / 'attention_maps.png').exists()
 
 
+@pytest.mark.parametrize('arg, message', [
+    ('--rope_bases=abc', r"--rope_bases=abc must be comma-separated numbers"),
+    ('--rope_bases=-1', r"--rope_bases=-1 must be RoPE bases, numbers > 1"),
+    ('--head_dim=3', r"--head_dim=3 must be even and at least 2"),
+    ('--tapa_theta=0.3', r"--tapa_theta=0\.3 does not fit: tapa_theta=0\.3 with head dim 64 gives an amplitude part of 19\.2"),
+    ('--tapa_settings=1:2', r"--tapa_settings=1:2 does not fit: tapa_theta=2\.0"),
+    ('--tapa_settings=0:0.5', r"--tapa_settings=0:0\.5 has alpha=0: TAPA's alpha must be > 0"),
+    ('--tapa_settings=0.5', r"--tapa_settings=0\.5 must be alpha:theta pairs"),
+    ('--near=5,1', r"--near=5,1 must be a window of distances lo,hi with 0 <= lo < hi"),
+    ('--far=10000', r"--far=10000 must be a window"),
+    ('--mc_samples=0', r"--mc_samples=0 must be at least 1"),
+    ('--d_long=-1', r"--d_long=-1 must be >= 0"),
+    ('--d_short=50', r"--d_short=50 must be less than --d_long=10"),
+])
+def test_bad_figure_settings_fail_before_any_figure(tmp_path, arg, message):
+    """Checked up front: otherwise a traceback from numpy or torch, after the figures before it."""
+    pytest.importorskip('matplotlib', reason='matplotlib is optional (plots only): pip install matplotlib')
+    with pytest.raises(SystemExit, match=r"^viz_bias\.py: " + message):
+        vb.main([f'--out_dir={tmp_path / "figs"}', '--figures=rope_bias,tapa_decay', '--d_long=10', arg])
+    assert not (tmp_path / 'figs').exists()
+
+
 @pytest.mark.parametrize('flag', ['-h', '--help'])
 def test_help_prints_usage_and_settings(capsys, flag):
     with pytest.raises(SystemExit) as e:

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import tapa_triton as tt  # noqa: E402
+from triton_tiles import add_shape_arguments  # noqa: E402  (this folder is on sys.path when run as a script)
 
 VARIANTS = ('baseline', 'no_table', 'no_cos', 'neither')
 
@@ -61,12 +62,7 @@ def use_variant(variant):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
-    p.add_argument('--head_dim', type=int, default=64)
-    p.add_argument('--n_head', type=int, default=16)
-    p.add_argument('--batch', type=int, default=4)
-    p.add_argument('--L', type=int, default=8192)
-    p.add_argument('--phase', default='quadratic', choices=['quadratic', 'linear'])
+    add_shape_arguments(p)
     p.add_argument('--variants', default=','.join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument('--_variant', default=None, help=argparse.SUPPRESS)
     return p

@@ -47,14 +47,19 @@ CANDIDATES = {
 }
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1])
+def add_shape_arguments(p):
+    """The shape and dtype measured (experiments/triton_ablate.py takes the same)."""
     p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--head_dim', type=int, default=64)
     p.add_argument('--n_head', type=int, default=16)
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--L', type=int, default=8192)
     p.add_argument('--phase', default='quadratic', choices=['quadratic', 'linear'])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1])
+    add_shape_arguments(p)
     p.add_argument('--theta', type=float, default=0.5)
     p.add_argument('--alpha', type=float, default=0.1)
     p.add_argument('--kernels', default='fwd,dkdv,dq,single')

@@ -156,7 +156,7 @@ def parse_lengths(text):
     except ValueError:
         raise ValueError(f"--lengths={text}: expected comma-separated integers, e.g. --lengths=256,512,1024") from None
     if not values or min(values) < 2:
-        raise ValueError(f"--lengths={text}: need at least one length >= 2")
+        raise ValueError(f"--lengths={text}: expected one or more lengths, each at least 2")
     return sorted(set(values))
 
 

@@ -284,12 +284,11 @@ def main(argv):
     for pe in pes:
         if not os.path.exists(os.path.join(REPO, 'configs', f'tiny_{pe}.py')):
             raise ConfigError(f"--encodings: there is no configs/tiny_{pe}.py")
+    from eval_ppl import parse_lengths  # the lengths are eval_ppl.py's: its check, before any training
     try:
-        Ls = sorted(int(L) for L in cfg['lengths'].split(',') if L.strip())
-    except ValueError:
-        Ls = []
-    if not Ls or Ls[0] < 1:
-        raise ConfigError(f"--lengths={cfg['lengths']} must be comma-separated positive integers, e.g. 128,256,512")
+        Ls = parse_lengths(cfg['lengths'])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out_dir = os.path.abspath(cfg['out'])
 
     def rel(path):  # paths in the commands: relative to the repository root when inside it

@@ -381,8 +381,12 @@ def test_tapa_probe_bad_settings_are_one_line_errors(monkeypatch, arg, message):
         tapa_probe.parse([arg])
 
 
-@pytest.mark.parametrize('lengths', ['abc', '0,128', ''])
-def test_paper_in_miniature_bad_lengths(tmp_path, lengths):
-    with pytest.raises(ConfigError, match=r"--lengths=.* must be comma-separated positive integers"):
+@pytest.mark.parametrize('lengths, message', [
+    ('abc', r"--lengths=abc: expected comma-separated integers"),
+    ('1,128', r"--lengths=1,128: expected one or more lengths, each at least 2"),  # eval_ppl.py's bound
+    ('', r"--lengths=: expected one or more lengths, each at least 2"),
+])
+def test_paper_in_miniature_bad_lengths(tmp_path, lengths, message):
+    with pytest.raises(ConfigError, match=message):
         paper_in_miniature.main([f'--lengths={lengths}', f'--out={tmp_path / "m"}'])
     assert not (tmp_path / 'm').exists()  # refused before anything is written

@@ -483,6 +483,11 @@ def parse_list(text, cast=float):
     return [cast(x) for x in str(text).split(',') if x.strip()]
 
 
+def parse_tapa_settings(text):
+    """--tapa_settings '1.0:0.75,0.5:0.5' -> [(1.0, 0.75), (0.5, 0.5)]: (alpha, theta) pairs."""
+    return [tuple(float(v) for v in pair.split(':')) for pair in str(text).split(',') if pair]
+
+
 def distance_grid(max_distance, per_decade=400):
     """Every integer up to 1000, then log-spaced: enough points to draw RoPE's fast oscillations."""
     dense = np.arange(1, min(1000, max_distance) + 1)
@@ -539,7 +544,7 @@ def plot_tapa_decay(cfg, path):
     plt = get_pyplot()
     a, b, s = cfg['q_mean'], cfg['k_mean'], cfg['qk_std']
     Ds = cfg['tapa_small_head_dim']
-    settings = [tuple(float(v) for v in pair.split(':')) for pair in str(cfg['tapa_settings']).split(',') if pair]
+    settings = parse_tapa_settings(cfg['tapa_settings'])
     grid = np.logspace(0, 6, 300)
     mc_dist = np.unique(np.round(np.logspace(0, 6, 13))).astype(np.int64)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 4.8))
@@ -723,7 +728,7 @@ def check_settings(cfg):
         if len(window) != 2 or not 0 <= window[0] < window[1]:
             fail(key, 'must be a window of distances lo,hi with 0 <= lo < hi')
     try:
-        pairs = [tuple(float(v) for v in pair.split(':')) for pair in str(cfg['tapa_settings']).split(',') if pair]
+        pairs = parse_tapa_settings(cfg['tapa_settings'])
     except ValueError:
         pairs = []
     if not pairs or any(len(p) != 2 for p in pairs):

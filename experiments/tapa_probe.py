@@ -51,6 +51,10 @@ settings = dict(name='run', pe='tapa', n_head=4, alpha=0.1, theta=0.5, phase='qu
                 results=os.path.join(REPO, 'runs', 'tapa_probe', 'results.jsonl'), threads=1)
 
 
+def eval_lengths(s):
+    return [int(x) for x in s['eval_lengths'].split(',') if x.strip()]
+
+
 def parse(argv):
     if any(arg in HELP_FLAGS for arg in argv):  # usage and settings, as every script here prints them
         print_help(__doc__, settings)
@@ -77,7 +81,7 @@ def parse(argv):
         if settings[key] not in allowed:
             sys.exit(f"--{key}={settings[key]}: expected one of {', '.join(allowed)}")
     try:
-        lengths = [int(x) for x in settings['eval_lengths'].split(',') if x.strip()]
+        lengths = eval_lengths(settings)
     except ValueError:
         lengths = []
     if not lengths or min(lengths) < 1:
@@ -166,7 +170,7 @@ def main():
         val_tokens, _ = load_split(s['data_dir'], 'validation')
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    longest = max(int(x) for x in s['eval_lengths'].split(',') if x.strip())
+    longest = max(eval_lengths(s))
     if longest + 1 >= len(val_tokens):  # found now, not after the training
         sys.exit(f"--eval_lengths: {longest} tokens do not fit in the validation split of {s['data_dir']} "
                  f"({len(val_tokens)} tokens)")
@@ -217,7 +221,7 @@ def main():
     val_loss = {}
     windows = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for L in (int(x) for x in s['eval_lengths'].split(',')):
+        for L in eval_lengths(s):
             starts = torch.randint(len(val_tokens) - L - 1, (max(1, s['eval_tokens'] // L),), generator=windows).numpy()
             total = 0.0
             for start in starts:

@@ -652,9 +652,9 @@ def _tile_sizes(dtype, block_d, capability, single_pass=False):
     and 128 on sm_80 ... sm_120 bfloat16 and float16 spill at most 32 bytes (dK/dV at head dim 128 on
     sm_90; 24 in linear dK/dV on sm_120; 4 in float16 dQ on sm_80; nothing elsewhere), but the single
     pass's dK/dV up to 180 (412 with its wider Hopper tiles, see below), float32 up to 148 bytes (dQ,
-    head dim 128). Every kernel
-    fits the consumer cards' 99 KB of shared memory (at most 89 KB, float32 at head dim 256); on
-    Turing (64 KB) all but float32 above head dim 128, which no tiles here fit (turing_problem)."""
+    head dim 128). Every kernel fits the consumer cards' 99 KB of shared memory (at most 89 KB, float32
+    at head dim 256); on Turing (64 KB) all but float32 above head dim 128, which no tiles here fit
+    (turing_problem)."""
     if capability < (8, 0):  # Turing (e.g. T4): Triton lowers tl.dot to scalar FMA there, small tiles
         return (dict(fwd=(32, 32, 4), dkdv=(16, 32, 4), dq=(32, 16, 4)) if block_d <= 64 else
                 dict(fwd=(32, 32, 8), dkdv=(16, 16, 8), dq=(16, 16, 8)))

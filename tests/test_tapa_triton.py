@@ -12,6 +12,7 @@ fresh Python process that sets it first: this file is also that process's script
 
 The checks of bad input run in the pytest process itself: they fail before any kernel is launched.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -106,6 +107,19 @@ def forward_backward(fn, tensors, grad_out):
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
+@contextlib.contextmanager
+def deterministic_mode(warn_only=False):
+    """torch.use_deterministic_algorithms(True) inside the block, the previous mode back after it
+    (tests/test_tapa_triton_cuda.py uses it too)."""
+    import torch
+    was, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn_only)
 
 
 def surrounded_by_nan(distance_table):
@@ -404,17 +418,12 @@ def test_default_backward_follows_pytorch_deterministic_mode(tt, monkeypatch):
     assert backward_of(128, bf16, hopper, deterministic=True) == (False, (32, 64, 4))
     assert backward_of(64, bf16, ampere, deterministic=False) == (True, (32, 64, 4))  # not the wide tiles
     assert backward_of(64, fp16, hopper, deterministic=False) == (True, (32, 64, 4))
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_mode():
         assert backward_of(64, bf16, hopper) == (False, (32, 64, 4))
         assert backward_of(128, bf16, hopper) == (False, (32, 64, 4))
         assert backward_of(64, bf16, hopper, deterministic=False)[0] is True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match='non-deterministic backward'):
-            assert backward_of(64, bf16, hopper) == (True, (64, 128, 8))
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    with deterministic_mode(warn_only=True), pytest.warns(UserWarning, match='non-deterministic backward'):
+        assert backward_of(64, bf16, hopper) == (True, (64, 128, 8))
     # and tapa_attention_triton's default reaches _launch_config as None, to be decided there
     seen = []
 
@@ -442,12 +451,8 @@ def test_launch_policy_traces_under_torch_compile(tt):
     compiled = torch.compile(scaled_by_policy, fullgraph=True, backend='eager')
     q = torch.ones(1, 1, 4, 64, dtype=torch.bfloat16)
     assert compiled(q)[0, 0, 0, 0].item() == 2.0 + 128  # single pass, 64 x 128 tiles
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_mode():
         assert torch.compile(scaled_by_policy, backend='eager')(q)[0, 0, 0, 0].item() == 3.0 + 64
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
     torch._dynamo.reset()
 
 

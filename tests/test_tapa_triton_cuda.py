@@ -152,13 +152,10 @@ def test_default_follows_deterministic_mode():
 
     def grads(**kwargs):
         return torch.autograd.grad(tapa_triton.tapa_attention_triton(q, k, v, 0.1, 0.5, **kwargs), (q, k, v), do)
+    from test_tapa_triton import deterministic_mode
     two_kernels = grads(deterministic=True)
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_mode():
         runs = [grads() for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
     for run in runs:
         for name, a, b in zip(('dq', 'dk', 'dv'), run, two_kernels):
             assert torch.equal(a, b), f"{name}: in deterministic mode the default is not the two-kernel backward"

@@ -40,6 +40,7 @@ import traceback
 
 import torch
 
+import fast_attention
 import model
 
 IMPLS = ['rope_sdpa', 'nope_sdpa', 'tapa_naive', 'tapa_chunked', 'tapa_triton']
@@ -73,10 +74,10 @@ def make_case(what, impl, L, args, device, dtype):
         def attention(q, k, v):
             if pos_encoding == 'rope':
                 cos, sin = rope
-                return model.dot_product_attention(model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v)
+                return fast_attention.sdpa_attention(model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v)
             if pos_encoding == 'nope':
-                return model.dot_product_attention(q, k, v)
-            return model.tapa_attention(q, k, v, args.alpha, args.theta, args.phase, impl=attn_impl,
+                return fast_attention.sdpa_attention(q, k, v)
+            return fast_attention.tapa_attention(q, k, v, args.alpha, args.theta, args.phase, impl=attn_impl,
                                         **({'chunk_size': args.chunk_size} if args.chunk_size else {}))
 
         def run():
@@ -85,12 +86,16 @@ def make_case(what, impl, L, args, device, dtype):
         return run
 
     block = model.Block(cfg).to(device, dtype)
+    pe = model.PE_TABLE[pos_encoding]
+    shared_pe = pe.params(cfg).to(device) if pe.params else None  # TAPA's phase scale (1 here)
+    positions = torch.arange(L, device=device)
+    pos = model.Positions(q=positions, k=positions, tables=rope)
     params = list(block.parameters())
     x = randn(B, L, H * D, requires_grad=True)
     grad_out = randn(B, L, H * D)
 
     def run():
-        y = block(x, rope)
+        y = block(x, pos, shared_pe)
         torch.autograd.grad(y, [x] + params, grad_out)
     return run
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import fast_attention
 from eval_ppl import (autocast_for, dyadic_lengths, load_models, make_labels, parse_config, parse_lengths,
                       pick_device, resolve_ckpt_path, train_data_dir)
 from tokenizer import get_tokenizer
@@ -309,6 +310,8 @@ def evaluate(config, log=print):
     autocast = autocast_for(dev, config['dtype'])
     n_new = config['key_digits'] + 2  # enough for the key however it is tokenized, plus what follows it
     log(f"device {dev}; lengths {Ls}; depths {ds}; {config['num_trials']} trials each")
+    for name, m in zip(names, models):  # which implementation each model's attention runs
+        log(f"{name}: {fast_attention.describe(m['model'], dev, getattr(autocast, 'fast_dtype', torch.float32))}")
 
     results = dict(lengths=Ls, depths=ds, num_trials=config['num_trials'], key_digits=config['key_digits'],
                    filler=config['filler'], config=dict(config), models=[])

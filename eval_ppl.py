@@ -53,7 +53,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import fast_attention
 from configurator import get_overrides
+from finetune_long import change_context
 from model import GPTConfig
 from train import TrainError, has_native_bfloat16, load_checkpoint, model_from_checkpoint, pick_device
 
@@ -231,7 +233,7 @@ def resolve_ckpt_path(path):
 
 def apply_overrides(model, attn_impl='auto', rope_scaling='keep', rope_factor=0.0, rope_base=0.0):
     """Inference-time changes to a loaded model: the attention implementation, and for RoPE models
-    a context-extension method (no fine-tuning). Goes through model.change_context, which also
+    a context-extension method (no fine-tuning). Goes through finetune_long.change_context, which also
     records the trained length as rope_original_block_size (PI, NTK and YaRN scale relative to it).
     The model keeps its block_size: it is still the length the model was trained at.
     Returns the list of overrides that did not apply (RoPE ones on a non-RoPE model)."""
@@ -254,7 +256,7 @@ def apply_overrides(model, attn_impl='auto', rope_scaling='keep', rope_factor=0.
                              f"extension factor, e.g. --rope_factor=16 to reach 16x the trained length")
     else:
         ignored = sorted(rope)
-    model.change_context(cfg.block_size, **pe)
+    change_context(model, cfg.block_size, **pe)
     return ignored
 
 
@@ -487,6 +489,8 @@ def evaluate(config, log=print):
     autocast = autocast_for(dev, config['dtype'])
     log(f"data: {data_dir} split {config['split']} ({len(doc_lengths)} documents, {len(tokens):,} tokens); "
         f"device {dev}; lengths {Ls}")
+    for name, m in zip(names, models):  # which implementation each model's attention runs
+        log(f"{name}: {fast_attention.describe(m['model'], dev, getattr(autocast, 'fast_dtype', torch.float32))}")
 
     # the documents of each length depend only on the data, the same for every checkpoint
     budget = (config['max_docs'], config['max_tokens_per_length'])

@@ -20,7 +20,7 @@ What each positional encoding needs to run at a longer context:
       --rope_base=5e5              ABF, "adjusted base frequency" (can be combined with a scaling)
     With none of them it is fine-tuned as it is (plain RoPE, the baseline the methods improve on).
   - learned: there is no embedding for the new positions. That is an error unless
-    --interpolate_learned=True, which stretches the table linearly (model.change_context).
+    --interpolate_learned=True, which stretches the table linearly (model.extend_learned).
 
 The fine-tuning is train.py's training loop itself (train.train(settings, model=...)): the same
 data pipeline, learning rate schedule, evaluation, atomic checkpoints, log.jsonl and exact resume.
@@ -43,6 +43,7 @@ import sys
 
 import train
 from configurator import ConfigError, get_overrides
+from model import PE_TABLE, check_config
 
 # -----------------------------------------------------------------------------
 # fine-tuning's own settings
@@ -93,8 +94,23 @@ def pretrained_path(cfg):
     return path
 
 
+def change_context(model, block_size, interpolate_learned=False, **pe_overrides):
+    """Raise the context to block_size and apply config overrides (e.g. rope_scaling='yarn',
+    rope_factor=4) for long-context fine-tuning or evaluation; the encoding's `extend` runs first."""
+    cfg, pe = model.config, PE_TABLE[model.config.pos_encoding]
+    unknown = [key for key in pe_overrides if not hasattr(cfg, key)]
+    if unknown:
+        raise ValueError(f"change_context: unknown config field {unknown[0]!r}")
+    if pe.extend:
+        pe.extend(model, block_size, interpolate_learned=interpolate_learned)
+    for key, value in pe_overrides.items():
+        setattr(cfg, key, value)
+    check_config(cfg)
+    cfg.block_size = block_size
+
+
 def extension_settings(config, overrides, new_block_size):
-    """The GPTConfig changes that extend this model's context, for model.change_context: none for TAPA,
+    """The GPTConfig changes that extend this model's context, for change_context: none for TAPA,
     ALiBi, NoPE and learned; for RoPE the scaling method, its factor and the base asked for."""
     asked = {k: overrides[k] for k in ROPE_KEYS if k in overrides}
     if 'rope_scaling' in asked and str(asked['rope_scaling']).lower() == 'none':
@@ -187,7 +203,7 @@ def finetune(overrides):
     if 'attn_impl' in given:  # how attention is computed may change (same function)
         changes['attn_impl'] = given['attn_impl']
     try:
-        model.change_context(new, interpolate_learned=cfg['interpolate_learned'], **changes)
+        change_context(model, new, interpolate_learned=cfg['interpolate_learned'], **changes)
     except ValueError as e:
         hint = " (--interpolate_learned=True)" if mc.pos_encoding == 'learned' else ""
         raise ConfigError(f"cannot extend {ckpt_path}: {e}{hint}") from e

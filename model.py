@@ -1,31 +1,25 @@
 """
 A GPT language model whose attention takes a pluggable positional encoding, in one file.
 
-Read it top to bottom like a lecture:
-  1. the positional encodings, each next to its equation:
-       learned absolute embeddings (GPT-2), ALiBi, NoPE, RoPE and its long-context family
-       (Position Interpolation, NTK-aware, dynamic NTK, YaRN, and ABF = a larger base), and
-       TAPA, Token-Aware Phase Attention (arXiv 2509.12635, Eq. 12), with an exact
-       memory-efficient version of it,
-  2. the transformer (attention block, MLP, GPT), nanoGPT-shaped, where the attention block
-     picks one of them from a single config field, `pos_encoding`.
+Read it top to bottom like a lecture: the configuration; the positional encodings (PEs), each a
+short function next to its equation (learned, NoPE, ALiBi, RoPE and its long-context family, and
+TAPA, Token-Aware Phase Attention, arXiv 2509.12635 Eq. 12); PE_TABLE, all that the transformer
+needs of each; the transformer, nanoGPT-shaped.
 
-References:
-  GPT-2 / nanoGPT: https://github.com/karpathy/nanoGPT
-  RoPE:  Su et al. 2021, "RoFormer" (arXiv 2104.09864)
-  PI:    Chen et al. 2023, "Extending Context Window ... via Positional Interpolation" (2306.15595)
-  NTK:   bloc97 2023, "NTK-Aware Scaled RoPE" (reddit/LocalLLaMA) and its dynamic variant
-  YaRN:  Peng et al. 2023 (arXiv 2309.00071), reference code jquesnelle/yarn
-  ABF:   Xiong et al. 2023, "Effective Long-Context Scaling" (2309.16039): base 1e4 -> 5e5
-  ALiBi: Press et al. 2021, "Train Short, Test Long" (2108.12409)
-  NoPE:  Kazemnejad et al. 2023, "The Impact of Positional Encoding on Length Generalization"
-  TAPA:  "Positional Encoding via Token-Aware Phase Attention" (arXiv 2509.12635)
+This file is the reference. Faster implementations of the same math (SDPA, a chunked and a fused
+TAPA) live in fast_attention.py and tapa_triton.py and run only while the functions here that they
+reproduce are unchanged: edit anything here and your edit runs (a one-line notice says so).
+
+References: nanoGPT (github.com/karpathy/nanoGPT); RoPE: Su et al. 2021 (arXiv 2104.09864); PI:
+Chen et al. 2023 (2306.15595); NTK: bloc97 2023 (reddit/LocalLLaMA); YaRN: Peng et al. 2023
+(2309.00071, code jquesnelle/yarn); ABF: Xiong et al. 2023 (2309.16039); ALiBi: Press et al. 2021
+(2108.12409); NoPE: Kazemnejad et al. 2023 (2305.19466); TAPA: arXiv 2509.12635.
 """
 
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -44,8 +38,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False          # biases in Linears and LayerNorms (GPT-2: True; a bit better and faster: False)
-    # which positional encoding the attention uses: 'tapa', 'rope', 'alibi', 'nope' or 'learned'
-    pos_encoding: str = 'tapa'
+    pos_encoding: str = 'tapa'  # a key of PE_TABLE: 'tapa', 'rope', 'alibi', 'nope' or 'learned'
     # TAPA (Eq. 12): score = amplitude * cos(2*pi * |m-n|^alpha * phase)
     tapa_alpha: float = 0.1           # distance exponent alpha
     tapa_theta: float = 0.5           # fraction of the head dim that forms the amplitude part
@@ -53,117 +46,107 @@ class GPTConfig:
     tapa_phase_scale: float = 1.0     # multiplies phi; 1.0 = Eq. 12 exactly. A reparametrization, see TAPA below
     # RoPE and its long-context family
     rope_base: float = 10000.0        # ABF ("adjusted base frequency") is simply a larger base
-    rope_scaling: Optional[str] = None  # None, 'pi', 'ntk', 'dynamic_ntk' or 'yarn'
+    rope_scaling: Optional[str] = None  # None or a key of ROPE_SCALINGS: 'pi', 'ntk', 'dynamic_ntk', 'yarn'
     rope_factor: float = 1.0          # s: how many times the original context we want to reach
     rope_original_block_size: Optional[int] = None  # the pretraining context (defaults to block_size)
     yarn_beta_fast: float = 32.0      # YaRN: dims that rotate more than beta_fast times keep their frequency
     yarn_beta_slow: float = 1.0       # YaRN: dims that rotate less than beta_slow times are fully interpolated
-    # how attention is computed: 'naive' (materialized, the readable reference), 'chunked' (exact,
-    # memory linear in T, TAPA only), 'triton' (fused CUDA kernel, TAPA only), 'auto' (best available)
-    attn_impl: str = 'auto'
-
-
-POS_ENCODINGS = ('tapa', 'rope', 'alibi', 'nope', 'learned')
-ROPE_SCALINGS = (None, 'pi', 'ntk', 'dynamic_ntk', 'yarn')
-ATTN_IMPLS = ('auto', 'naive', 'chunked', 'triton')
-
-
-def check_config(config):
-    """Fail early, with a message that says what to change, on a config that cannot work."""
-    if config.pos_encoding not in POS_ENCODINGS:
-        raise ValueError(f"pos_encoding={config.pos_encoding!r} is not one of {POS_ENCODINGS}")
-    if config.rope_scaling not in ROPE_SCALINGS:
-        raise ValueError(f"rope_scaling={config.rope_scaling!r} is not one of {ROPE_SCALINGS}")
-    if config.attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl={config.attn_impl!r} is not one of {ATTN_IMPLS}")
-    if config.n_embd % config.n_head != 0:
-        raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
-    head_dim = config.n_embd // config.n_head
-    if config.pos_encoding == 'tapa':
-        tapa_split(head_dim, config.tapa_theta)
-        check_tapa_args(config.tapa_alpha, config.tapa_phase)
-        if not (math.isfinite(config.tapa_phase_scale) and config.tapa_phase_scale > 0):
-            raise ValueError(f"tapa_phase_scale={config.tapa_phase_scale!r} must be a finite number > 0")
-    if config.pos_encoding == 'rope':
-        if head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of dims: head dim {head_dim} must be even")
-        if config.rope_scaling in ('ntk', 'dynamic_ntk') and head_dim < 4:
-            raise ValueError(f"rope_scaling={config.rope_scaling!r} rescales the base by factor^(D/(D-2)): "
-                             f"it needs a head dim of at least 4, not {head_dim}")
-        if config.rope_scaling is not None and config.rope_factor < 1.0:
-            raise ValueError(f"rope_factor={config.rope_factor} must be >= 1 (it is the context extension factor)")
-        if config.rope_scaling == 'yarn' and not config.yarn_beta_fast > config.yarn_beta_slow > 0:
-            # swapped, YaRN's ramp would run backwards: the fast pairs interpolated, the slow ones kept
-            raise ValueError(f"yarn_beta_fast={config.yarn_beta_fast} must be larger than yarn_beta_slow="
-                             f"{config.yarn_beta_slow}, and both positive (YaRN's 32 and 1)")
+    attn_impl: str = 'auto'  # 'naive' (this file), 'auto' (the fastest that reproduce it), 'chunked', 'triton'
 
 
 # -----------------------------------------------------------------------------
-# Positional encodings, part 1: the classics
+# Positional encodings, part 1: attention as usual, and the classics
 #
-# Every attention below computes, for a query at position m and a key at position n <= m,
-#     softmax_n( score(m, n) ) @ v
-# and the positional encodings differ only in how position enters score(m, n).
-#
-# Learned absolute (GPT-2): x_m = token_emb(t_m) + pos_emb(m); score = q_m.k_n / sqrt(D).
-#   Lives in GPT.forward (self.transformer.wpe). It cannot run past block_size: there is no
-#   embedding for position block_size.
-#
-# NoPE: score = q_m.k_n / sqrt(D), no position at all. A causal mask alone lets a decoder infer
-#   positions (Kazemnejad et al. 2023).
-#
-# ALiBi (Press et al. 2021, Eq. in Sec. 3): score = q_m.k_n / sqrt(D) - slope_h * (m - n),
-#   a fixed linear penalty on distance with one slope per head, a geometric sequence.
+# Every attention computes softmax_n(score(m, n)) @ v for a query at m and the keys n <= m; the PEs
+# differ in how position enters score(m, n) (or the embeddings). Each has an attend(q, k, v, pos,
+# params, cfg): q (B, H, Tq, D) at the LAST Tq positions (a KV cache feeds new queries against all keys
+# so far), k, v (B, H, Tk, D), pos = Positions, params = its own module (PE_TABLE), cfg = GPTConfig.
 
 
-def alibi_slopes(n_head):
-    """ALiBi's head slopes: 2^(-8/n), 2^(-16/n), ... for n heads (n a power of 2); other head counts
-    take the slopes of the next lower power of 2 and interleave extra ones from the next higher (as
-    the authors' reference code does)."""
-    def power_of_2_slopes(n):
-        start = 2 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-    if math.log2(n_head).is_integer():
-        slopes = power_of_2_slopes(n_head)
-    else:
-        closest = 2 ** math.floor(math.log2(n_head))
-        slopes = power_of_2_slopes(closest) + power_of_2_slopes(2 * closest)[0::2][: n_head - closest]
-    return torch.tensor(slopes)
+class Positions(NamedTuple):  # made once per forward pass, for every layer
+    q: torch.Tensor                 # (Tq,) absolute positions of the queries: past .. past+Tq-1
+    k: torch.Tensor                 # (Tk,) absolute positions of the keys: 0 .. Tk-1 (cached keys carry no position)
+    tables: Optional[tuple] = None  # the encoding's per-forward tables (RoPE's cos and sin)
 
 
 def causal_mask(Tq, Tk, device):
     """True where query i (at absolute position Tk-Tq+i, i.e. the LAST Tq positions) may see key j.
     PyTorch's is_causal=True aligns the mask top-left, which is wrong once Tq < Tk (a KV cache)."""
-    q_pos = torch.arange(Tk - Tq, Tk, device=device)
-    k_pos = torch.arange(Tk, device=device)
-    return k_pos[None, :] <= q_pos[:, None]
+    return torch.arange(Tk, device=device)[None, :] <= torch.arange(Tk - Tq, Tk, device=device)[:, None]
 
 
-def dot_product_attention(q, k, v, bias=None, impl='auto'):
-    """softmax(q.k / sqrt(D) + bias, causal) @ v for NoPE, learned, RoPE (q, k rotated) and ALiBi (bias).
-    'naive' materializes the scores so you can read it; otherwise PyTorch's fused SDPA (FlashAttention
-    or a memory-efficient kernel where the device has one) computes exactly the same thing."""
+def dot_product_attention(q, k, v, bias=None):
+    """softmax(q.k / sqrt(D) + bias, causal) @ v: the attention of NoPE, learned, RoPE (q, k rotated)
+    and ALiBi (bias), with the (Tq, Tk) scores in memory so you can read it (SDPA is the fast path)."""
     Tq, Tk = q.size(-2), k.size(-2)
-    if impl == 'naive':
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        if bias is not None:
-            att = att + bias
-        att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
-        return F.softmax(att.float(), dim=-1).to(q.dtype) @ v
-    if bias is None and Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = causal_mask(Tq, Tk, q.device)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     if bias is not None:
-        mask = bias.to(q.dtype).masked_fill(~mask, float('-inf'))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        att = att + bias
+    att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
+    return F.softmax(att.float(), dim=-1).to(q.dtype) @ v
+
+
+def fast(reference, cfg):
+    """`reference`, or a faster implementation of exactly it that fast_attention.py hands out while the
+    reference is unchanged (SDPA; chunked or fused TAPA). attn_impl='naive': always the reference."""
+    if cfg.attn_impl == 'naive':
+        return reference
+    import fast_attention  # the engine beside this file (it imports this one, hence here)
+    return fast_attention.implementation(reference, cfg)
+
+
+# NoPE: score = q_m.k_n / sqrt(D), no position at all: a causal mask alone lets a decoder infer them.
+def attend_nope(q, k, v, pos, params, cfg):
+    return fast(dot_product_attention, cfg)(q, k, v)
+
+
+# Learned absolute (GPT-2): x_m = token_emb(t_m) + pos_emb(m), then NoPE's attention; none past block_size.
+def learned_embedding(wpe, pos, cfg):  # (T, n_embd), added to the token embeddings
+    if len(pos.k) > cfg.block_size:
+        raise ValueError(f"learned position embeddings exist only for {cfg.block_size} positions, but this input "
+                         f"reaches position {len(pos.k)}; use a shorter context, or another pos_encoding "
+                         f"(tapa, rope, alibi, nope run at any length)")
+    return wpe(pos.q)
+
+
+def extend_learned(model, block_size, interpolate_learned=False):
+    """New positions have no embeddings: an error, unless interpolate_learned (stretch the table linearly)."""
+    cfg = model.config
+    if block_size <= cfg.block_size:
+        return
+    if not interpolate_learned:
+        raise ValueError(f"learned position embeddings cannot grow from {cfg.block_size} to {block_size} positions; "
+                         f"pass interpolate_learned=True to stretch the table, or use another pos_encoding")
+    old = model.transformer.wpe.weight.data  # (T_old, C) -> (T_new, C)
+    new = F.interpolate(old.t()[None], size=block_size, mode='linear', align_corners=True)[0].t()
+    model.transformer.wpe = nn.Embedding(block_size, cfg.n_embd).to(old.device, old.dtype)
+    model.transformer.wpe.weight.data.copy_(new)
+
+
+# ALiBi (Press et al. 2021, Sec. 3): score = q_m.k_n / sqrt(D) - slope_h * (m - n): a linear distance penalty.
+def alibi_slopes(n_head):
+    """2^(-8/n), 2^(-16/n), ... for n heads (n a power of 2); other head counts take those of the next
+    lower power of 2 plus every other one of the next higher (as the authors' code does)."""
+    def geometric(n):
+        return [2 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    closest = 2 ** math.floor(math.log2(n_head))  # = n_head for a power of 2: nothing interleaved
+    return torch.tensor(geometric(closest) + geometric(2 * closest)[0::2][:n_head - closest])
 
 
 def alibi_bias(slopes, Tq, Tk, device):
     """(H, Tq, Tk) additive bias -slope_h * (m - n) for queries at the last Tq positions."""
-    q_pos = torch.arange(Tk - Tq, Tk, device=device)
-    k_pos = torch.arange(Tk, device=device)
-    distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()
-    return -slopes.to(device)[:, None, None] * distance
+    distance = (torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)[None, :])
+    return -slopes.to(device)[:, None, None] * distance.clamp(min=0).float()
+
+
+def attend_alibi(q, k, v, pos, params, cfg):
+    return fast(dot_product_attention, cfg)(q, k, v, alibi_bias(params.slopes, q.size(2), k.size(2), q.device))
+
+
+class ALiBiSlopes(nn.Module):  # the fixed slopes as a buffer: they follow the model to its device, unsaved
+    def __init__(self, cfg):
+        super().__init__()
+        self.register_buffer('slopes', alibi_slopes(cfg.n_head), persistent=False)
 
 
 # -----------------------------------------------------------------------------
@@ -173,68 +156,7 @@ def alibi_bias(slopes, Tq, Tk, device):
 #     w_i = base^(-2i/D),  i = 0 .. D/2-1,
 # so that q_m.k_n depends on positions only through m-n. Pair i completes a full turn every
 # 2*pi/w_i tokens: high-frequency pairs (small i) encode local order, low-frequency ones (large i)
-# rotate less than once over the whole training context. Past the trained length, the low pairs
-# see angles they never saw in training, and perplexity explodes. The family below changes w_i:
-#
-#   ABF:   a larger base (5e5 instead of 1e4): slower rotations everywhere. Just set rope_base.
-#   PI:    w_i / s for every pair: squeeze s times more positions into the trained angle range.
-#   NTK:   base * s^(D/(D-2)): the lowest frequency is divided by s, the highest barely moves.
-#   dynamic NTK: NTK with s chosen from the current length, s' = s*T/T_orig - (s-1), only once T > T_orig.
-#   YaRN:  interpolate (w_i/s) only the pairs that rotate less than beta_slow times over the original
-#          context, keep (w_i) those that rotate more than beta_fast times, ramp linearly between;
-#          and sharpen the softmax by a temperature: scale q and k by 0.1*ln(s)+1 each.
-# These follow the Hugging Face rope utilities ('linear', 'dynamic', 'yarn') and the YaRN reference code.
-
-
-def rope_frequencies(head_dim, base, scaling=None, factor=1.0, original_block_size=None,
-                     beta_fast=32.0, beta_slow=1.0, seq_len=None):
-    """Returns (inv_freq, attention_scale): the head_dim/2 rotation frequencies w_i, and the factor
-    that multiplies cos and sin (so q.k is scaled by its square; 1.0 except for YaRN)."""
-    dims = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim  # 2i/D
-    inv_freq = 1.0 / (base ** dims)
-    attention_scale = 1.0
-    if scaling is None or factor == 1.0 and scaling != 'dynamic_ntk':
-        pass
-    elif scaling == 'pi':
-        inv_freq = inv_freq / factor
-    elif scaling == 'ntk':
-        inv_freq = 1.0 / ((base * factor ** (head_dim / (head_dim - 2))) ** dims)
-    elif scaling == 'dynamic_ntk':
-        if original_block_size is None or seq_len is None:
-            raise ValueError("dynamic_ntk needs original_block_size and the current seq_len")
-        if seq_len > original_block_size:
-            s = factor * seq_len / original_block_size - (factor - 1)
-            inv_freq = 1.0 / ((base * s ** (head_dim / (head_dim - 2))) ** dims)
-    elif scaling == 'yarn':
-        if original_block_size is None:
-            raise ValueError("yarn needs original_block_size (the pretraining context)")
-
-        # the (fractional) pair index whose wavelength fits num_rotations times into the original context
-        def correction_dim(num_rotations):
-            return head_dim * math.log(original_block_size / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
-        if low == high:
-            high += 0.001  # avoid a division by zero in the ramp
-        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        # ramp = 0: keep the original frequency (extrapolate); ramp = 1: interpolate it by the factor
-        inv_freq = inv_freq * (1 - ramp) + (inv_freq / factor) * ramp
-        attention_scale = 0.1 * math.log(factor) + 1.0
-    else:
-        raise ValueError(f"unknown rope scaling {scaling!r}, expected one of {ROPE_SCALINGS}")
-    return inv_freq.float(), attention_scale
-
-
-@torch.compiler.disable  # a table computed once: torch 2.4's inductor fails on base ** dims (Invalid NaN comparison)
-def rope_cos_sin(config, head_dim, seq_len, device):
-    """cos and sin of the angles pos * w_i for positions 0..seq_len-1, shape (seq_len, head_dim/2),
-    already multiplied by YaRN's attention scale."""
-    original = config.rope_original_block_size or config.block_size
-    inv_freq, attention_scale = rope_frequencies(
-        head_dim, config.rope_base, config.rope_scaling, config.rope_factor, original,
-        config.yarn_beta_fast, config.yarn_beta_slow, seq_len)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq).to(device)
-    return angles.cos() * attention_scale, angles.sin() * attention_scale
+# rotate less than once over the whole training context.
 
 
 def apply_rope(x, cos, sin):
@@ -242,6 +164,101 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def attend_rope(q, k, v, pos, params, cfg):
+    cos, sin = pos.tables  # (Tk, D/2) each, for positions 0..Tk-1
+    q, k = apply_rope(q, cos[pos.q], sin[pos.q]), apply_rope(k, cos[pos.k], sin[pos.k])
+    return fast(dot_product_attention, cfg)(q, k, v)
+
+
+# Past the trained length the low-frequency pairs see angles they never saw in training, and
+# perplexity explodes. The family below changes w_i: each scaling is a small function of the plain
+# frequencies returning (inv_freq, attention_scale), the scale multiplying cos and sin (so q.k by its
+# square); s = rope_factor, L = the pretraining context. As Hugging Face's rope utilities and YaRN's
+# reference code. ABF is no function: it is a larger rope_base (5e5 instead of 1e4).
+
+def rope_pi(inv_freq, factor, **_):
+    """Position Interpolation: w_i / s for every pair, s times more positions in the trained angle range."""
+    return inv_freq / factor, 1.0
+
+
+def rope_ntk(inv_freq, head_dim, base, factor, **_):
+    """NTK-aware: base * s^(D/(D-2)); the lowest frequency is divided by s, the highest barely moves."""
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim  # 2i/D
+    return 1.0 / (base * factor ** (head_dim / (head_dim - 2))) ** dims, 1.0
+
+
+def rope_dynamic_ntk(inv_freq, head_dim, base, factor, original, seq_len, **_):
+    """NTK with s chosen from the current length, s' = s*T/L - (s-1), once T > L. With a KV cache it is
+    exact in the first layer only (deeper cached keys come from hidden states of shorter lengths)."""
+    if seq_len <= original:
+        return inv_freq, 1.0
+    return rope_ntk(inv_freq, head_dim, base, factor * seq_len / original - (factor - 1))
+
+
+def rope_yarn(inv_freq, head_dim, base, factor, original, beta_fast, beta_slow, **_):
+    """YaRN: interpolate (w_i/s) the pairs that turn less than beta_slow times over L, keep those that
+    turn more than beta_fast times, ramp linearly between; scale q and k by 0.1*ln(s)+1 each."""
+    def pair_index(num_rotations):  # the (fractional) pair whose wavelength fits num_rotations times into L
+        return head_dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(pair_index(beta_fast)), 0)
+    high = min(math.ceil(pair_index(beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+    # ramp = 0: keep the original frequency (extrapolate); ramp = 1: interpolate it by the factor
+    return inv_freq * (1 - ramp) + (inv_freq / factor) * ramp, 0.1 * math.log(factor) + 1.0
+
+
+ROPE_SCALINGS = {'pi': rope_pi, 'ntk': rope_ntk, 'dynamic_ntk': rope_dynamic_ntk, 'yarn': rope_yarn}
+
+
+def rope_frequencies(head_dim, base, scaling=None, factor=1.0, original_block_size=None,
+                     beta_fast=32.0, beta_slow=1.0, seq_len=None):
+    """(inv_freq, attention_scale): the head_dim/2 frequencies w_i after the scaling, and its scale."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # w_i
+    if scaling is None or (factor == 1.0 and scaling != 'dynamic_ntk'):
+        return inv_freq.float(), 1.0
+    inv_freq, attention_scale = ROPE_SCALINGS[scaling](
+        inv_freq, head_dim=head_dim, base=base, factor=factor, original=original_block_size,
+        beta_fast=beta_fast, beta_slow=beta_slow, seq_len=seq_len)
+    return inv_freq.float(), attention_scale
+
+
+@torch.compiler.disable  # a table computed once: torch 2.4's inductor fails on base ** dims (Invalid NaN comparison)
+def rope_cos_sin(cfg, head_dim, seq_len, device):
+    """cos and sin (seq_len, head_dim/2) of pos * w_i for pos = 0..seq_len-1, times the attention scale."""
+    inv_freq, attention_scale = rope_frequencies(
+        head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_block_size or cfg.block_size,
+        cfg.yarn_beta_fast, cfg.yarn_beta_slow, seq_len)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq).to(device)
+    return angles.cos() * attention_scale, angles.sin() * attention_scale
+
+
+def check_rope(cfg):
+    head_dim = cfg.n_embd // cfg.n_head
+    if head_dim % 2:
+        raise ValueError(f"RoPE rotates pairs of dims: head dim {head_dim} must be even")
+    if not cfg.rope_base > 1:
+        raise ValueError(f"rope_base={cfg.rope_base!r} must be > 1 (pair i turns by base^(-2i/D) per token: only "
+                         f"a base above 1 gives the slower and slower rotations RoPE relies on; 10000 is usual)")
+    if cfg.rope_scaling in ('ntk', 'dynamic_ntk') and head_dim < 4:
+        raise ValueError(f"rope_scaling={cfg.rope_scaling!r} rescales the base by factor^(D/(D-2)): "
+                         f"it needs a head dim of at least 4, not {head_dim}")
+    if cfg.rope_scaling is not None and not cfg.rope_factor >= 1.0:
+        raise ValueError(f"rope_factor={cfg.rope_factor} must be >= 1 (it is the context extension factor)")
+    for key in ('yarn_beta_fast', 'yarn_beta_slow') if cfg.rope_scaling == 'yarn' else ():
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} must be > 0 (yarn_beta_fast and yarn_beta_slow are "
+                             f"thresholds in rotations over the original context; 32 and 1 are usual)")
+    if cfg.rope_scaling == 'yarn' and not cfg.yarn_beta_fast > cfg.yarn_beta_slow:
+        # swapped, YaRN's ramp would run backwards: the fast pairs interpolated, the slow ones kept
+        raise ValueError(f"yarn_beta_fast={cfg.yarn_beta_fast} must be larger than yarn_beta_slow="
+                         f"{cfg.yarn_beta_slow} (YaRN's 32 and 1)")
+
+
+def extend_rope(model, block_size, **_):  # remember the pretraining context: PI, NTK, YaRN scale by it
+    if model.config.rope_original_block_size is None:
+        model.config.rope_original_block_size = model.config.block_size
 
 
 # -----------------------------------------------------------------------------
@@ -255,36 +272,23 @@ def apply_rope(x, cos, sin):
 #     phi(q, k)   = q_P.k_P / sqrt((1-theta)*D)                  ('quadratic', the paper's choice)
 #                 = (sum(q_P) + sum(k_P)) / sqrt((1-theta)*D)    ('linear', the paper's ablation)
 #
-# then the causal mask, softmax and @ v as usual; alpha = 0.1, theta = 0.5 by default, no new
-# parameters. Why it extrapolates: the phase is a property of the *tokens* (phi) modulated by a
-# slowly growing function of distance (|m-n|^0.1 goes only from 1 to 2 between 1 and 1024 tokens),
-# so there are no per-dimension rotation frequencies that can fall out of their trained range.
-# The paper shows that its expected long-range bias decays like |m-n|^(-alpha*(1-theta)*D)
-# (Theorems 3.2-3.3) while individual scores keep their variance: far tokens stay attendable.
-#
-# It needs two q.k products and an elementwise cos per score, which is why PyTorch's fused SDPA and
-# FlashAttention cannot run it. Below: the readable version (materializes the Tq x Tk scores), and an
-# exact chunked version whose memory grows linearly in T in forward *and* backward.
+# then the causal mask, softmax and @ v; alpha = 0.1, theta = 0.5 by default, no new parameters.
+# Why it extrapolates: the phase is a property of the *tokens* (phi) modulated by a slowly growing
+# function of distance (|m-n|^0.1 only goes from 1 to 2 between 1 and 1024 tokens): no rotation
+# frequencies to fall out of their trained range. Its expected long-range bias decays like
+# |m-n|^(-alpha*(1-theta)*D) (Theorems 3.2-3.3) while single scores keep their variance: far tokens
+# stay attendable. Two q.k products and a cos per score: SDPA cannot run it (see fast_attention.py).
 
 
 def tapa_split(head_dim, theta):
     """Widths (d_A, d_P) of the amplitude and phase parts; both must be positive whole numbers."""
     d_amp = theta * head_dim
     if not (0.0 < theta < 1.0) or abs(d_amp - round(d_amp)) > 1e-6 or round(d_amp) in (0, head_dim):
-        raise ValueError(
-            f"tapa_theta={theta} with head dim {head_dim} gives an amplitude part of {d_amp:g} dims and a "
-            f"phase part of {head_dim - d_amp:g}: both must be positive whole numbers "
-            f"(e.g. theta=0.5 or 0.25 for head dim {head_dim})")
+        raise ValueError(f"tapa_theta={theta} with head dim {head_dim} gives an amplitude part of {d_amp:g} dims and "
+                         f"a phase part of {head_dim - d_amp:g}: both must be positive whole numbers "
+                         f"(e.g. theta=0.5 or 0.25 for head dim {head_dim})")
     d_amp = round(d_amp)
     return d_amp, head_dim - d_amp
-
-
-def check_tapa_args(alpha, phase):
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"tapa_alpha={alpha!r} must be a finite number > 0 (|m-n|^alpha with alpha <= 0 "
-                         f"carries no distance information, or divides by zero at m = n)")
-    if phase not in ('quadratic', 'linear'):
-        raise ValueError(f"tapa_phase={phase!r} must be 'quadratic' or 'linear'")
 
 
 def tapa_distance_weight(q_start, Tq, k_start, Tk, alpha, device):
@@ -296,9 +300,7 @@ def tapa_distance_weight(q_start, Tq, k_start, Tk, alpha, device):
 
 
 def autocast_off(device):
-    """A context in which autocast leaves this device's ops in the dtype they are given: TAPA's angle
-    must stay float32. (Nothing to turn off where this torch has no autocast for the device, e.g.
-    Apple's MPS before torch 2.5, which refuses even to build a disabled one.)"""
+    """Autocast off for this device (a no-op where torch has no autocast for it: MPS before 2.5)."""
     try:
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:
@@ -306,17 +308,16 @@ def autocast_off(device):
 
 
 def tapa_scores(q, k, weight, d_amp, phase):
-    """The pre-softmax TAPA scores of Eq. 12 (no mask), plus the pieces the backward needs.
-    q (..., Tq, D), k (..., Tk, D), weight = |m-n|^alpha (Tq, Tk). All of it runs in float32 (float64
-    for float64 inputs), the two dot products included, autocast or not: a bf16 angle of 30 radians is
-    off by a tenth of a radian, and so is one made from a bf16 q_P.k_P."""
+    """Eq. 12's scores (no mask), amplitude and angle; q (..., Tq, D), k (..., Tk, D), weight = |m-n|^alpha.
+    All in float32 (float64 for float64), dot products included, autocast or not: a bf16 angle of 30
+    radians is off by a tenth of a radian, and so is one made from a bf16 q_P.k_P."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     d_phase = q.size(-1) - d_amp
     with autocast_off(q.device):
         q, k = q.to(dtype), k.to(dtype)
         q_amp, q_phase = q[..., :d_amp], q[..., d_amp:]
         k_amp, k_phase = k[..., :d_amp], k[..., d_amp:]
-        amplitude = (q_amp @ k_amp.transpose(-2, -1)) / math.sqrt(d_amp)
+        amplitude = (q_amp @ k_amp.transpose(-2, -1)) / math.sqrt(d_amp)  # (B, H, Tq, Tk)
         if phase == 'quadratic':
             phi = (q_phase @ k_phase.transpose(-2, -1)) / math.sqrt(d_phase)
         else:  # 'linear'
@@ -325,8 +326,8 @@ def tapa_scores(q, k, weight, d_amp, phase):
         return amplitude * torch.cos(angle), amplitude, angle
 
 
-def tapa_attention_naive(q, k, v, alpha, theta, phase='quadratic'):
-    """Eq. 12 exactly as written: materialize the Tq x Tk scores, mask, softmax, @ v."""
+def tapa_attention(q, k, v, alpha, theta, phase='quadratic'):
+    """Eq. 12 as written: the (Tq, Tk) scores, mask, softmax, @ v; the queries are the last Tq positions."""
     Tq, Tk = q.size(-2), k.size(-2)
     d_amp, _ = tapa_split(q.size(-1), theta)
     weight = tapa_distance_weight(Tk - Tq, Tq, 0, Tk, alpha, q.device)
@@ -335,316 +336,117 @@ def tapa_attention_naive(q, k, v, alpha, theta, phase='quadratic'):
     return F.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
-def tapa_tile_tables(alpha, rows, Tk, device, dtype=torch.float32, scale=1.0):
-    """The weights |m-n|^alpha and the causal mask depend on m-n only, so those of every
-    (query block x key block) tile are a window into one small table, built once per call instead
-    of once per tile. With distance[a, u] = a + Tk - u, shape (rows, Tk + rows), the tile of the
-    queries at absolute positions o, o+1, .. (rows a) and the keys j0..j1-1 is the column window
-    [j0 + Tk - o, j1 + Tk - o): column n + Tk - o of row a holds o + a - n = m - n. A view, no copy.
-    Returns (weight, future): scale * max(m-n, 0)^alpha (future keys get 0, as in tapa_distance_weight:
-    they are masked anyway), and True where the key is in the future of the query (n > m)."""
-    a = torch.arange(rows, device=device)[:, None]
-    u = torch.arange(Tk + rows, device=device)[None, :]
-    distance = a + Tk - u
-    powers = torch.arange(Tk + rows, device=device, dtype=dtype) ** alpha * scale  # each distinct d^alpha once
-    return powers[distance.clamp(min=0)], distance < 0
+# Making TAPA learn in a small model. At GPT-2 initialization every angle is near 0, where cos is
+# flat: the phase gets almost no useful gradient while Adam still moves its weights by ~lr per step,
+# so it grows into content-dependent noise and a 4-layer model stalls near the bigram level. Two
+# knobs tame it without changing what the model can express (phi -> g*phi is the same as scaling
+# the phase rows of the q projection): tapa_phase_scale = g (config; g < 1 lets the amplitude part
+# learn first) and tapa_phase_warmup_iters (train.py; g ramps in from ~0 to 1). Both scale q_P (and
+# k_P for the linear phase) before the attention, so every implementation of it runs them unchanged.
+
+class TAPAPhaseScale(nn.Module):
+    """Multipliers of q's (and for 'linear' k's) dims: 1 on the amplitude, tapa_phase_scale * ramp on the phase."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.d_amp, _ = tapa_split(cfg.n_embd // cfg.n_head, cfg.tapa_theta)
+        self.register_buffer('dim_scale', torch.ones(cfg.n_embd // cfg.n_head), persistent=False)
+        self.set_factor(cfg.tapa_phase_scale)
+
+    def set_factor(self, factor):
+        self.dim_scale[self.d_amp:] = factor
+        self.scaled = factor != 1.0  # a bool, not the factor: torch.compile then needn't recompile per step
 
 
-class ChunkedTAPA(torch.autograd.Function):
-    """Exact TAPA attention in tiles, FlashAttention-style, on plain PyTorch ops.
-
-    Forward: for each block of queries, walk over the key blocks up to the diagonal (blocks fully in
-    the future are skipped) and keep a running max, running softmax denominator and running output
-    ("online softmax"), so only one (block x block) tile of scores exists at a time. We save the
-    output and the log-sum-exp of each query row.
-
-    Backward: recompute each tile's scores, turn them into probabilities with the saved log-sum-exp,
-    and push the gradient through softmax, then through score = amplitude * cos(angle):
-        d amplitude = dS * cos(angle),      d phi = -dS * amplitude * sin(angle) * 2*pi*|m-n|^alpha
-    and on into q and k. Nothing of size Tq x Tk is ever stored, in either direction.
-
-    Where the time goes, on a CPU: about 60% in the matmuls (as many flops as SDPA's, but split into
-    amplitude and phase halves of D/2 dims, which BLAS runs less efficiently than one of D dims), most
-    of the rest in the elementwise passes over each tile (each one reads and writes the whole tile:
-    cos, sin, exp, the products). So the code below keeps those passes few:
-      - the constants are applied once, not per tile: 1/sqrt(d_A) to q, 2*pi/sqrt(d_P) to the table of
-        distance weights (not to q: with TF32 matmuls, on by default on GPUs in train.py, a rescaled q
-        would be rounded to 10 bits, where bfloat16 values pass exactly),
-      - the weights |m-n|^alpha and the mask come from tables built once (tapa_tile_tables),
-      - tiles are updated in place (x.mul_(y) instead of x * y: no new tile to allocate and fill),
-      - only the tiles that cross the diagonal are masked,
-      - a 128 x 128 tile of 8 heads is 512 KiB in float32, small enough to stay in a CPU's L2 cache
-        while the ten-odd passes run over it (64 and 256 were slower at T = 1024 and 4096).
-    With these, forward + backward takes about 1.5-2x the time of RoPE + SDPA on a CPU (README.md).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, alpha, d_amp, phase, chunk_size):
-        # The tiles are computed in float32 (float64 for float64 inputs) whatever the input dtype.
-        # Under autocast, torch.bmm would run in bfloat16 or float16 instead, and the in-place
-        # float32 updates below (baddbmm_) would refuse its output: autocast stays off in here.
-        with autocast_off(q.device):
-            B, H, Tq, D = q.shape
-            Tk = k.size(-2)
-            q_start = Tk - Tq  # absolute position of the first query
-            acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-            q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
-            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype,
-                                               scale=2 * math.pi / math.sqrt(D - d_amp))
-            key_chunk = _key_chunk(chunk_size, Tq)
-            out = torch.empty(B, H, Tq, D, device=q.device, dtype=acc_dtype)
-            lse = torch.empty(B * H, Tq, 1, device=q.device, dtype=acc_dtype)
-            for i0 in range(0, Tq, chunk_size):
-                i1 = min(i0 + chunk_size, Tq)
-                m0 = q_start + i0      # absolute position of this block's first query
-                last_visible = m0 + (i1 - i0)  # keys [0, last_visible) can be seen by some query here
-                row_max = torch.full((B * H, i1 - i0, 1), float('-inf'), device=q.device, dtype=acc_dtype)
-                row_sum = torch.zeros((B * H, i1 - i0, 1), device=q.device, dtype=acc_dtype)
-                acc = torch.zeros((B * H, i1 - i0, D), device=q.device, dtype=acc_dtype)
-                for j0 in range(0, last_visible, key_chunk):
-                    j1 = min(j0 + key_chunk, last_visible)
-                    window = (slice(0, i1 - i0), slice(j0 + Tk - m0, j1 + Tk - m0))  # see tapa_tile_tables
-                    amplitude, angle = _tapa_tile(q_amp[:, i0:i1], q_phase[:, i0:i1], k_amp[:, j0:j1],
-                                                  k_phase[:, j0:j1], weights[window], phase)
-                    s = amplitude.mul_(angle.cos_())  # the scores, Eq. 12
-                    if j1 - 1 > m0:  # this tile crosses the diagonal: mask the future keys
-                        s.masked_fill_(future[window], float('-inf'))
-                    new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-                    p = s.sub_(new_max).exp_()
-                    correction = (row_max - new_max).exp_()
-                    row_sum.mul_(correction).add_(p.sum(-1, keepdim=True))
-                    acc.mul_(correction).baddbmm_(p, v[:, j0:j1])  # acc = acc * correction + p @ v
-                    row_max = new_max
-                out.view(B * H, Tq, D)[:, i0:i1] = acc.div_(row_sum)
-                lse[:, i0:i1] = row_max + row_sum.log()
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size = alpha, d_amp, phase, chunk_size
-            return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
-            raise RuntimeError("the chunked TAPA attention has no second derivative (its backward is not "
-                               "differentiable); use attn_impl='naive' for create_graph=True")
-        with autocast_off(grad_out.device):  # see forward
-            q, k, v, out, lse = ctx.saved_tensors
-            alpha, d_amp, phase, chunk_size = ctx.alpha, ctx.d_amp, ctx.phase, ctx.chunk_size
-            B, H, Tq, D = q.shape
-            Tk = k.size(-2)
-            q_start = Tk - Tq
-            acc_dtype = out.dtype
-            q_amp, q_phase, k_amp, k_phase, v = _tapa_parts(q, k, v, d_amp, phase, acc_dtype)
-            weights, future = tapa_tile_tables(alpha, min(chunk_size, Tq), Tk, q.device, acc_dtype,
-                                               scale=2 * math.pi / math.sqrt(D - d_amp))
-            key_chunk = _key_chunk(chunk_size, Tq)
-            grad_out = grad_out.reshape(B * H, Tq, D).to(acc_dtype)
-            # softmax backward needs rowsum(dO * O) = sum_n P[m,n] * dP[m,n]
-            delta = (grad_out * out.view(B * H, Tq, D)).sum(-1, keepdim=True)
-            # gradients w.r.t. the (scaled) parts of _tapa_parts; the chain rule back to q, k is at the end
-            dq_amp, dq_phase = torch.zeros_like(q_amp), torch.zeros_like(q_phase)
-            dk_amp, dk_phase, dv = torch.zeros_like(k_amp), torch.zeros_like(k_phase), torch.zeros_like(v)
-            for i0 in range(0, Tq, chunk_size):
-                i1 = min(i0 + chunk_size, Tq)
-                m0 = q_start + i0
-                do_i, lse_i, delta_i = grad_out[:, i0:i1], lse[:, i0:i1], delta[:, i0:i1]
-                for j0 in range(0, m0 + (i1 - i0), key_chunk):
-                    j1 = min(j0 + key_chunk, m0 + (i1 - i0))
-                    window = (slice(0, i1 - i0), slice(j0 + Tk - m0, j1 + Tk - m0))
-                    weight = weights[window]
-                    amplitude, angle = _tapa_tile(q_amp[:, i0:i1], q_phase[:, i0:i1], k_amp[:, j0:j1],
-                                                  k_phase[:, j0:j1], weight, phase)
-                    cos = angle.cos()
-                    amplitude_sin = angle.sin_().mul_(amplitude)
-                    p = amplitude.mul_(cos)  # the scores (amplitude's own values are no longer needed)
-                    if j1 - 1 > m0:
-                        p.masked_fill_(future[window], float('-inf'))
-                    p.sub_(lse_i).exp_()  # the probabilities of this tile
-                    dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)
-                    ds = torch.bmm(do_i, v[:, j0:j1].transpose(1, 2)).sub_(delta_i).mul_(p)  # dL/dscore
-                    d_amplitude = cos.mul_(ds)
-                    # dL/dphi = -ds * amplitude * sin(angle) * weight; we keep it without its minus sign
-                    # (one pass fewer) and subtract in the matmuls below (alpha=-1)
-                    minus_d_phi = amplitude_sin.mul_(ds).mul_(weight)
-                    dq_amp[:, i0:i1].baddbmm_(d_amplitude, k_amp[:, j0:j1])
-                    dk_amp[:, j0:j1].baddbmm_(d_amplitude.transpose(1, 2), q_amp[:, i0:i1])
-                    if phase == 'quadratic':
-                        dq_phase[:, i0:i1].baddbmm_(minus_d_phi, k_phase[:, j0:j1], alpha=-1)
-                        dk_phase[:, j0:j1].baddbmm_(minus_d_phi.transpose(1, 2), q_phase[:, i0:i1], alpha=-1)
-                    else:  # linear: phi = q_sum + k_sum
-                        dq_phase[:, i0:i1] -= minus_d_phi.sum(-1, keepdim=True)
-                        dk_phase[:, j0:j1] -= minus_d_phi.sum(-2)[..., None]
-            # back through the scaling of _tapa_parts (2*pi/sqrt(d_P) is in the weights already) and,
-            # for 'linear', through the sums: each phase dim of a token gets its sum's gradient
-            dq_amp /= math.sqrt(d_amp)
-            if phase == 'linear':
-                dq_phase, dk_phase = dq_phase.expand(-1, -1, D - d_amp), dk_phase.expand(-1, -1, D - d_amp)
-            dq = torch.cat((dq_amp, dq_phase), dim=-1).view(B, H, Tq, D)
-            dk = torch.cat((dk_amp, dk_phase), dim=-1).view(B, H, Tk, D)
-            return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, H, Tk, D).to(v.dtype), None, None, None, None
+def attend_tapa(q, k, v, pos, params, cfg):
+    if params.scaled:  # (back to q's dtype: under autocast the float32 scale would make bf16 q float32)
+        q = (q * params.dim_scale).to(q.dtype)
+        k = (k * params.dim_scale).to(k.dtype) if cfg.tapa_phase == 'linear' else k
+    return fast(tapa_attention, cfg)(q, k, v, cfg.tapa_alpha, cfg.tapa_theta, cfg.tapa_phase)
 
 
-def _tapa_parts(q, k, v, d_amp, phase, dtype):
-    """q, k, v (B, H, T, D) -> (B*H, T, .) pieces in the compute dtype, 1/sqrt(d_A) folded into q, so
-    that with weight = 2*pi/sqrt(d_P) * |m-n|^alpha (tapa_tile_tables) a tile needs no more than
-        amplitude = q_amp @ k_amp^T,   angle = weight * (q_phase @ k_phase^T)   ('quadratic')
-                                       angle = weight * (q_phase + k_phase^T)   ('linear': sums)."""
-    B, H, Tq, D = q.shape
-    q, k, v = (t.reshape(B * H, -1, D).to(dtype) for t in (q, k, v))
-    q_amp, k_amp = q[..., :d_amp] / math.sqrt(d_amp), k[..., :d_amp]
-    if phase == 'quadratic':
-        q_phase, k_phase = q[..., d_amp:], k[..., d_amp:]
-    else:  # 'linear': phi = (sum(q_P) + sum(k_P)) / sqrt(d_P), one number per token
-        q_phase, k_phase = q[..., d_amp:].sum(-1, keepdim=True), k[..., d_amp:].sum(-1, keepdim=True)
-    return q_amp, q_phase, k_amp, k_phase, v
+def check_tapa(cfg):
+    tapa_split(cfg.n_embd // cfg.n_head, cfg.tapa_theta)
+    if not (isinstance(cfg.tapa_alpha, (int, float)) and math.isfinite(cfg.tapa_alpha) and cfg.tapa_alpha > 0):
+        raise ValueError(f"tapa_alpha={cfg.tapa_alpha!r} must be a finite number > 0 (|m-n|^alpha with alpha <= 0 "
+                         f"carries no distance information, or divides by zero at m = n)")
+    if cfg.tapa_phase not in ('quadratic', 'linear'):
+        raise ValueError(f"tapa_phase={cfg.tapa_phase!r} must be 'quadratic' or 'linear'")
+    if not (math.isfinite(cfg.tapa_phase_scale) and cfg.tapa_phase_scale > 0):
+        raise ValueError(f"tapa_phase_scale={cfg.tapa_phase_scale!r} must be a finite number > 0")
 
 
-def _key_chunk(chunk_size, Tq):
-    """Keys per tile. Tiles are chunk_size x chunk_size, except with fewer than chunk_size queries
-    (decoding with a KV cache: Tq = 1): then the key blocks grow so that a tile still holds about
-    chunk_size^2 scores, instead of walking a long cache in slivers of one Python step each."""
-    return max(chunk_size, (chunk_size * chunk_size) // max(Tq, 1))
+# -----------------------------------------------------------------------------
+# The table: all that the transformer needs of a positional encoding. A new one is its functions plus an entry.
 
 
-def _tapa_tile(q_amp, q_phase, k_amp, k_phase, weight, phase):
-    """One tile's amplitude and angle (both fresh tensors, free to be overwritten in place)."""
-    amplitude = torch.bmm(q_amp, k_amp.transpose(1, 2))
-    if phase == 'quadratic':
-        angle = torch.bmm(q_phase, k_phase.transpose(1, 2))
-    else:
-        angle = q_phase + k_phase.transpose(1, 2)
-    return amplitude, angle.mul_(weight)
+@dataclass
+class PositionalEncoding:
+    attend: Callable                   # attend(q, k, v, pos, params, cfg) -> (B, H, Tq, D)
+    params: Optional[Callable] = None  # params(cfg) -> nn.Module of the encoding's own weights or buffers
+    shared: bool = True                # one params module for the whole model (transformer.wpe), or one per layer
+    embed: Optional[Callable] = None   # embed(params, pos, cfg) -> (T, n_embd), added to the token embeddings
+    tables: Optional[Callable] = None  # tables(cfg, head_dim, seq_len, device): made once per forward, for every layer
+    check: Optional[Callable] = None   # check(cfg): raise ValueError on settings that cannot work
+    extend: Optional[Callable] = None  # extend(model, block_size, **options): before the context grows
 
 
-def tapa_attention(q, k, v, alpha, theta, phase='quadratic', impl='naive', chunk_size=128):
-    """TAPA attention (Eq. 12). q (B, H, Tq, D), k and v (B, H, Tk, D) with Tq <= Tk: the queries are
-    the LAST Tq positions (so this also serves a KV cache). Causal. Returns (B, H, Tq, D).
-    impl: 'naive' (materialized), 'chunked' (exact, memory linear in T), 'triton' (fused CUDA kernel)."""
-    Tq, Tk = q.size(-2), k.size(-2)
-    if Tq > Tk:
-        raise ValueError(f"tapa_attention: {Tq} queries but only {Tk} keys; queries must be the last Tq positions")
-    d_amp, _ = tapa_split(q.size(-1), theta)
-    check_tapa_args(alpha, phase)
-    if impl == 'naive':
-        return tapa_attention_naive(q, k, v, alpha, theta, phase)
-    if impl == 'chunked':
-        return ChunkedTAPA.apply(q, k, v, alpha, d_amp, phase, chunk_size)
-    if impl == 'triton':
-        from tapa_triton import tapa_attention_triton  # optional, imported only when asked for
-        return tapa_attention_triton(q, k, v, alpha, theta, phase)
-    raise ValueError(f"unknown TAPA impl {impl!r}: use 'naive', 'chunked' or 'triton'")
+PE_TABLE = {  # TAPA first: the method this codebase is about
+    'tapa': PositionalEncoding(attend_tapa, params=TAPAPhaseScale, check=check_tapa),
+    'rope': PositionalEncoding(attend_rope, tables=rope_cos_sin, check=check_rope, extend=extend_rope),
+    'alibi': PositionalEncoding(attend_alibi, params=ALiBiSlopes),
+    'nope': PositionalEncoding(attend_nope),
+    'learned': PositionalEncoding(attend_nope, params=lambda cfg: nn.Embedding(cfg.block_size, cfg.n_embd),
+                                  embed=learned_embedding, extend=extend_learned),
+}
 
 
-def pick_tapa_impl(requested, device, Tq, Tk, head_dim, dtype):
-    """'auto' -> the fused kernel on an NVIDIA GPU when Triton is installed and takes this head dim and
-    dtype; otherwise the naive path while the score matrix is small (up to 128 x 128 per head, or one
-    query against up to 16384 keys when decoding with a KV cache), where its few big ops beat the
-    chunked path's Python loop and its memory does not matter; the chunked path beyond that, with
-    memory linear in T. (On a 2-core Xeon, forward + backward: naive 7-15% faster at T = 128, chunked
-    ~25% faster at T = 256.)"""
-    if requested != 'auto':
-        return requested
-    if device.type == 'cuda':
-        try:
-            import tapa_triton
-            if tapa_triton.is_available() and tapa_triton.supports(head_dim, dtype, device):
-                return 'triton'
-        except ImportError:
-            pass
-    return 'naive' if Tq * Tk <= 128 * 128 else 'chunked'
-
-
-# Making TAPA learn in a small model. At GPT-2 initialization q_P.k_P is tiny, so every angle is near
-# 0, where cos is flat (its slope, -sin, is ~0): the phase gets almost no useful gradient, while Adam
-# still moves the phase weights by ~lr per step. The phase then grows into content-dependent noise on
-# every score before it has learned anything, and a 4-layer model stalls near the bigram level.
-# Two knobs, neither of which changes what the model can express (scaling phi by g is the same as
-# scaling the phase rows of the q projection, so the function class is exactly Eq. 12's):
-#   tapa_phase_scale = g (config): phi -> g * phi. With Adam this acts like a g-times smaller init and
-#       learning rate for the phase projections: g < 1 lets the amplitude (content) part learn first.
-#   tapa_phase_warmup_iters (train.py): phi -> ramp * phi with ramp going linearly from ~0 to 1, so
-#       the phase comes in after the model has learned local structure; at ramp = 1 it is Eq. 12 again.
-# Both are applied in CausalSelfAttention.attend by scaling q_P (and k_P for the linear phase) before
-# tapa_attention, so every implementation (naive, chunked, Triton) supports them unchanged.
-# Measured on a 4-layer byte model (README.md, "Making TAPA learn at small scale"): scale 0.05 with
-# RoPE's learning rate takes the validation loss from 2.29 to 1.91 and keeps the extrapolation; the
-# warm-up alone helps less (2.09).
+def check_config(cfg):
+    """The one validator of model settings: fail early, with a message that says what to change."""
+    for key, allowed in (('pos_encoding', tuple(PE_TABLE)), ('rope_scaling', (None, *ROPE_SCALINGS)),
+                         ('attn_impl', ('auto', 'naive', 'chunked', 'triton'))):
+        if getattr(cfg, key) not in allowed:  # (rope_scaling whatever the PE: a typo is a typo)
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {allowed}")
+    for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} is too small (it must be at least 1)")
+    if cfg.n_embd % cfg.n_head != 0:
+        raise ValueError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"dropout={cfg.dropout!r} must be within [0, 1) (the probability of zeroing an activation)")
+    if PE_TABLE[cfg.pos_encoding].check:
+        PE_TABLE[cfg.pos_encoding].check(cfg)
 
 
 # -----------------------------------------------------------------------------
 # The transformer
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.config = config
-        self.n_head = config.n_head
-        if config.pos_encoding == 'alibi':
-            self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
-        if config.pos_encoding == 'tapa':
-            # per-dim multipliers of q (and, for the linear phase, of k): 1 on the amplitude dims and
-            # tapa_phase_scale * ramp on the phase dims, so phi is multiplied by that factor (see
-            # GPT.set_tapa_phase_ramp). Skipped entirely while the factor is 1, i.e. Eq. 12 as published.
-            self.register_buffer('tapa_dim_scale', torch.ones(config.n_embd // config.n_head), persistent=False)
-            self.tapa_phase_scaled = False  # a bool, not the factor: torch.compile then needn't recompile per step
+        pe = PE_TABLE[config.pos_encoding]
+        self.pe = pe.params(config) if pe.params and not pe.shared else None  # per-layer PE weights, if any
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, pos, shared_pe=None, cache=None):
         B, T, C = x.size()
+        H = self.config.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if cache is not None:
-            # The KV cache keeps keys *before* RoPE, so a length-dependent RoPE (dynamic NTK) rotates
-            # every key with the frequencies of the current length, as a full forward pass of the text
-            # so far would. For dynamic NTK that is exact in the first layer only: the cached keys and
-            # values of the deeper layers come from hidden states computed at the shorter lengths of
-            # earlier steps (Hugging Face's cache, which stores rotated keys, is off in every layer).
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:  # keys are cached before any position is applied to them (see Positions)
             if 'k' in cache:
                 k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
             cache['k'], cache['v'] = k, v
-        y = self.attend(q, k, v, rope)
+        params = self.pe if self.pe is not None else shared_pe  # the one place where the PE enters:
+        y = PE_TABLE[self.config.pos_encoding].attend(q, k, v, pos, params, self.config)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, rope):
-        """Causal attention of the T queries (the last positions) over all Tk keys: this is the one
-        place where the positional encoding enters."""
-        cfg, Tq, Tk = self.config, q.size(2), k.size(2)
-        if cfg.pos_encoding == 'tapa':
-            if self.tapa_phase_scaled:  # phi is bilinear in (q_P, k_P) ('quadratic') or linear in both
-                # (back to q's dtype: under autocast q is bfloat16 and the float32 scale would make it
-                # float32, while k and v stay bfloat16, which the fused kernel refuses)
-                q = (q * self.tapa_dim_scale).to(q.dtype)
-                k = (k * self.tapa_dim_scale).to(k.dtype) if cfg.tapa_phase == 'linear' else k
-            impl = pick_tapa_impl(cfg.attn_impl, q.device, Tq, Tk, q.size(-1), q.dtype)
-            return tapa_attention(q, k, v, cfg.tapa_alpha, cfg.tapa_theta, cfg.tapa_phase, impl)
-        impl = 'naive' if cfg.attn_impl == 'naive' else 'auto'
-        if cfg.pos_encoding == 'rope':
-            cos, sin = rope
-            q, k = apply_rope(q, cos[Tk - Tq:Tk], sin[Tk - Tq:Tk]), apply_rope(k, cos[:Tk], sin[:Tk])
-            return dot_product_attention(q, k, v, impl=impl)
-        if cfg.pos_encoding == 'alibi':
-            return dot_product_attention(q, k, v, bias=alibi_bias(self.alibi_slopes, Tq, Tk, q.device), impl=impl)
-        return dot_product_attention(q, k, v, impl=impl)  # 'nope' and 'learned' (position is in the embedding)
-
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -658,103 +460,87 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, pos, shared_pe=None, cache=None):
+        x = x + self.attn(self.ln_1(x), pos, shared_pe, cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         check_config(config)
         self.config = config
+        pe = PE_TABLE[config.pos_encoding]
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        if config.pos_encoding == 'learned':
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if pe.params and pe.shared:  # the encoding's weights shared by all layers (GPT-2's position embeddings)
+            self.transformer.wpe = pe.params(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the input embedding and the output projection share one matrix
-        self.transformer.wte.weight = self.lm_head.weight
-        # GPT-2 init: N(0, 0.02), and the residual projections scaled by 1/sqrt(2 * n_layer) so the
-        # residual stream's variance does not grow with depth
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix in and out
+        # GPT-2 init: N(0, 0.02); residual projections / sqrt(2 * n_layer), so the residual stream's variance stays put
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self._rope_cache = {}
-        self.set_tapa_phase_ramp(1.0)
+        self._tables = (None, None)  # (key, tables): the last per-forward tables, see pe_tables
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; by default without the position embeddings (the token embeddings are
-        counted, because weight tying makes them the output layer too)."""
+        """Parameters, by default without position embeddings (token ones count: they are the output layer)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.config.pos_encoding == 'learned':
-            n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and PE_TABLE[self.config.pos_encoding].embed:
+            n_params -= sum(p.numel() for p in self.transformer.wpe.parameters())
         return n_params
 
-    def rope(self, seq_len, device):
-        """(cos, sin) for positions 0..seq_len-1, cached: recomputed only when the length bucket or the
-        config changes (dynamic NTK depends on the length itself, so it is keyed by it)."""
+    def pe_tables(self, seq_len, device):
+        """The encoding's tables for positions 0..seq_len-1 (RoPE: cos and sin), or None; made for a
+        power-of-two length (dynamic NTK: the length itself), rebuilt when that, device or config change."""
         cfg = self.config
-        if cfg.pos_encoding != 'rope':
+        make = PE_TABLE[cfg.pos_encoding].tables
+        if make is None:
             return None
-        if cfg.rope_scaling == 'dynamic_ntk':
-            n = seq_len
-        else:  # cache for a power-of-two length at least seq_len and slice
-            n = max(cfg.block_size, 1 << (seq_len - 1).bit_length())
-        key = (n, str(device), cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_block_size,
-               cfg.block_size, cfg.yarn_beta_fast, cfg.yarn_beta_slow)
-        if key not in self._rope_cache:
-            # normal tensors even when first made under torch.inference_mode() (sampling, evaluation):
-            # a later training step saves them for its backward, which autograd refuses for those
+        n = seq_len if cfg.rope_scaling == 'dynamic_ntk' else max(cfg.block_size, 1 << (seq_len - 1).bit_length())
+        key = (n, str(device), tuple(vars(cfg).values()))
+        if self._tables[0] != key:
+            # normal tensors even under inference_mode: a later training step saves them for its backward
             with torch.inference_mode(False):
-                self._rope_cache = {key: rope_cos_sin(cfg, cfg.n_embd // cfg.n_head, n, device)}
-        cos, sin = self._rope_cache[key]
-        return cos[:seq_len], sin[:seq_len]
+                self._tables = (key, make(cfg, cfg.n_embd // cfg.n_head, n, device))
+        return tuple(t[:seq_len] for t in self._tables[1])
 
     def hidden(self, idx, kv_cache=None):
-        """The final-LayerNorm'd hidden states (B, T, n_embd) of the tokens idx (B, T). With a KV cache
-        (from new_kv_cache()), idx holds only the new tokens, placed after the cached ones."""
+        """The final hidden states (B, T, n_embd) of tokens idx (B, T), after those in kv_cache if given."""
         B, T = idx.size()
         past = kv_cache[0]['k'].size(2) if kv_cache is not None and 'k' in kv_cache[0] else 0
-        x = self.transformer.wte(idx)
-        if self.config.pos_encoding == 'learned':
-            if past + T > self.config.block_size:
-                raise ValueError(
-                    f"learned position embeddings exist only for {self.config.block_size} positions, "
-                    f"but this input reaches position {past + T}; use a shorter context, or another "
-                    f"pos_encoding (tapa, rope, alibi, nope run at any length)")
-            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+        pe = PE_TABLE[self.config.pos_encoding]
+        shared_pe = self.transformer.wpe if 'wpe' in self.transformer else None
+        k_pos = torch.arange(past + T, device=idx.device)
+        pos = Positions(q=k_pos[past:], k=k_pos, tables=self.pe_tables(past + T, idx.device))
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if pe.embed:
+            x = x + pe.embed(shared_pe, pos, self.config)
         x = self.transformer.drop(x)
-        rope = self.rope(past + T, idx.device)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, kv_cache[i] if kv_cache is not None else None)
+            x = block(x, pos, shared_pe, kv_cache[i] if kv_cache is not None else None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """Every PE except 'learned' accepts inputs longer than block_size: running past the trained
-        context is what this model is for (whether it still predicts well is what eval_ppl.py measures)."""
+        """Every PE but 'learned' takes inputs longer than block_size: what eval_ppl.py measures."""
         x = self.hidden(idx, kv_cache)
         if targets is not None:
             logits = self.lm_head(x)
@@ -765,90 +551,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def set_tapa_phase_ramp(self, ramp):
-        """Multiply TAPA's phase phi by tapa_phase_scale * ramp in every layer (train.py ramps it in over
-        tapa_phase_warmup_iters; it is 1 otherwise, and always after training). No-op for other PEs."""
-        if self.config.pos_encoding != 'tapa':
-            return
-        factor = self.config.tapa_phase_scale * ramp
-        d_amp, _ = tapa_split(self.config.n_embd // self.config.n_head, self.config.tapa_theta)
-        for block in self.transformer.h:
-            block.attn.tapa_dim_scale[d_amp:] = factor
-            block.attn.tapa_phase_scaled = factor != 1.0
+        """TAPA's phi times tapa_phase_scale * ramp (train.py's tapa_phase_warmup_iters; 1 after it)."""
+        if self.config.pos_encoding == 'tapa':
+            self.transformer.wpe.set_factor(self.config.tapa_phase_scale * ramp)
 
     def new_kv_cache(self):
         """An empty KV cache: one dict per layer, filled with the keys and values seen so far."""
         return [{} for _ in range(self.config.n_layer)]
-
-    def crop_block_size(self, block_size):
-        """Shrink the context (e.g. to fine-tune a pretrained model at a shorter length)."""
-        assert block_size <= self.config.block_size
-        self.config.block_size = block_size
-        if self.config.pos_encoding == 'learned':
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-    def change_context(self, block_size, interpolate_learned=False, **pe_overrides):
-        """Raise the context to block_size and apply config overrides (e.g. rope_scaling='yarn',
-        rope_factor=4, rope_base=5e5) before long-context fine-tuning. RoPE remembers the pretraining
-        context as rope_original_block_size (PI/YaRN/NTK need it). Learned position embeddings have
-        no entry for the new positions: that is an error unless interpolate_learned=True, which
-        stretches the table linearly (the learned-PE analogue of Position Interpolation)."""
-        cfg = self.config
-        for key, value in pe_overrides.items():
-            if not hasattr(cfg, key):
-                raise ValueError(f"change_context: unknown config field {key!r}")
-        if cfg.pos_encoding == 'rope' and cfg.rope_original_block_size is None:
-            cfg.rope_original_block_size = cfg.block_size
-        for key, value in pe_overrides.items():
-            setattr(cfg, key, value)
-        check_config(cfg)
-        if cfg.pos_encoding == 'learned' and block_size > cfg.block_size:
-            if not interpolate_learned:
-                raise ValueError(
-                    f"learned position embeddings cannot grow from {cfg.block_size} to {block_size} positions; "
-                    f"pass interpolate_learned=True to stretch the table, or use another pos_encoding")
-            old = self.transformer.wpe.weight.data  # (T_old, C) -> (T_new, C) by linear interpolation
-            new = F.interpolate(old.t()[None], size=block_size, mode='linear', align_corners=True)[0].t()
-            self.transformer.wpe = nn.Embedding(block_size, cfg.n_embd).to(old.device, old.dtype)
-            self.transformer.wpe.weight.data.copy_(new)
-        cfg.block_size = block_size
-        self._rope_cache = {}
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices (2D params) only, never on biases, norms or gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': no_decay, 'weight_decay': 0.0}]
-        use_fused = device_type == 'cuda'  # the fused kernel is faster and exists on CUDA
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=use_fused)
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model FLOPs utilization (PaLM appendix B), against an A100's bf16 peak by default."""
-        cfg = self.config
-        N = self.get_num_params()
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * fwdbwd_per_iter
-        return flops_per_iter / dt / peak_flops
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after idx (B, T) (temperature 0 = greedy), feeding only the newest
-        token each step and keeping keys and values in a KV cache. Learned position embeddings stop at block_size (an error);
-        the other PEs keep going past it."""
-        cache = self.new_kv_cache()
-        logits, _ = self(idx, kv_cache=cache)
-        for step in range(max_new_tokens):
-            logits = logits[:, -1, :].float()
-            if temperature == 0:  # greedy decoding
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('Inf')
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if step + 1 < max_new_tokens:
-                logits, _ = self(idx_next, kv_cache=cache)
-        return idx

@@ -14,7 +14,9 @@ import sys
 from contextlib import nullcontext
 
 import torch
+from torch.nn import functional as F
 
+import fast_attention
 from configurator import ConfigError, get_overrides
 from tokenizer import get_tokenizer
 from train import TrainError, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
@@ -31,6 +33,28 @@ device = 'auto'            # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
 dtype = 'auto'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
+    """Sample max_new_tokens after idx (B, T) (temperature 0 = greedy), one token at a time against
+    a KV cache. Learned position embeddings stop at block_size (an error); the others go on."""
+    cache = model.new_kv_cache()
+    logits, _ = model(idx, kv_cache=cache)
+    for step in range(max_new_tokens):
+        logits = logits[:, -1, :].float()
+        if temperature == 0:  # greedy decoding
+            idx_next = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        idx = torch.cat((idx, idx_next), dim=1)
+        if step + 1 < max_new_tokens:
+            logits, _ = model(idx_next, kv_cache=cache)
+    return idx
 
 
 def main(argv):
@@ -56,6 +80,7 @@ def main(argv):
                               ('byte' if checkpoint['model_args']['vocab_size'] <= 256 else 'gpt2'))
     model = model_from_checkpoint(checkpoint)
     model.eval().to(dev)
+    print(fast_attention.describe(model, dev, ptdtype), file=sys.stderr)  # stderr: stdout is the samples
     del checkpoint  # the optimizer state is big and of no use here
 
     # allow_eot: a literal '<|endoftext|>' in the prompt means "a new document starts here"
@@ -75,7 +100,7 @@ def main(argv):
     samples = []
     with torch.no_grad(), autocast:
         for _ in range(cfg['num_samples']):
-            y = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'] or None)
+            y = generate(model, x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'] or None)
             samples.append(tokenizer.decode(y[0].tolist()))
             print(samples[-1])
             print('---------------')

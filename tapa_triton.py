@@ -48,7 +48,7 @@ FlashAttention at L = 8192 (forward 1.5x, backward 2.4x) with the two-kernel bac
 with the single pass, from the same run's timings, now the default there (see tapa_attention_triton).
 README.md, "Speed and memory", has the numbers.
 
-Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- model.py calls it for attn_impl='triton'.
+Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- fast_attention.py calls it for attn_impl='triton' (or 'auto' on NVIDIA GPUs).
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable
 TRITON_INTERPRET=1 is set *before* this file is imported (slowly; tests/test_tapa_triton.py does that).
 """
@@ -62,7 +62,9 @@ import warnings
 
 import torch
 
-# Triton is optional: this file must import cleanly without it (model.py asks is_available() to pick
+from model import tapa_split
+
+# Triton is optional: this file must import cleanly without it (fast_attention.py asks is_available() to pick
 # an implementation). Without Triton we put tiny stand-ins under the names `triton` and `tl` so the
 # kernel definitions below still parse (their decorators and `tl.constexpr` annotations are evaluated
 # at import time); nothing can launch them, and tapa_attention_triton() raises a clear error instead.
@@ -91,7 +93,7 @@ def is_available():
 
 def supports(head_dim, dtype, device=None):
     """True when the kernel takes q, k, v of this head dim and dtype (on this GPU, if given;
-    tapa_attention_triton checks the rest); model.pick_tapa_impl asks, so that attn_impl='auto' falls
+    tapa_attention_triton checks the rest); fast_attention.pick_tapa_impl asks, so that attn_impl='auto' falls
     back to PyTorch otherwise."""
     return (HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1] and dtype in DTYPES
             and turing_problem(head_dim, dtype, device) is None)
@@ -851,19 +853,6 @@ class _TapaAttention(torch.autograd.Function):
             grad_scale[ctx.d_amp:] *= -2 * math.pi
             dq.mul_(grad_scale)  # in place: no second float32 copy of dQ
         return dq.to(q.dtype), dk, dv, None, None, None, None, None
-
-
-def tapa_split(head_dim, theta):
-    """(d_A, d_P): the amplitude width theta*D and the phase width D - theta*D, both whole and
-    positive -- the same rule as model.tapa_split (repeated here so this file stands alone)."""
-    d_amp = theta * head_dim
-    if not (0.0 < theta < 1.0) or abs(d_amp - round(d_amp)) > 1e-6 or round(d_amp) in (0, head_dim):
-        raise ValueError(
-            f"tapa_attention_triton: theta={theta} with head dim {head_dim} gives an amplitude part of "
-            f"{d_amp:g} dims and a phase part of {head_dim - d_amp:g}: both must be positive whole numbers "
-            f"(e.g. theta=0.5 or 0.25 for head dim {head_dim})")
-    d_amp = round(d_amp)
-    return d_amp, head_dim - d_amp
 
 
 def tapa_attention_triton(q, k, v, alpha, theta, phase='quadratic', *, deterministic=None,

@@ -10,7 +10,7 @@ Everything goes to out_dir: ckpt.pt (model, optimizer and every random state, so
 continues exactly where it stopped) and log.jsonl (a JSON line per log_interval and per evaluation).
 
 Reuse: the whole run is the function train(overrides, model=None). finetune_long.py calls it with a
-pretrained model whose context it has raised (model.change_context), and so gets this same loop:
+pretrained model whose context it has raised (finetune_long.change_context), and so gets this same loop:
 data, learning rate schedule, evaluation, checkpoints, logging, resume. Other scripts use
 get_overrides (configurator.py), load_checkpoint and model_from_checkpoint from here.
 """
@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import fast_attention
 from configurator import ConfigError, allowed_types, check_value, get_overrides, unknown_key_error
 from model import GPT, GPTConfig, check_config
 from tokenizer import TOKENIZERS
@@ -49,25 +51,12 @@ data_dir = ''                # '' = data/<dataset>/<tokenizer> in this repositor
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (simulates a larger batch)
 batch_size = 12              # sequences per micro-batch
 block_size = 256             # the training context, in tokens
-# model: every GPTConfig field (model.py explains each) except vocab_size, which the data decides
+# model: every GPTConfig field but vocab_size (which the data decides) is a setting too, with
+# GPTConfig's default (model.py explains each: pos_encoding, tapa_alpha, rope_scaling, ...), except:
 n_layer = 6
 n_head = 6
 n_embd = 384
-dropout = 0.0
-bias = False
-pos_encoding = 'tapa'        # 'tapa', 'rope', 'alibi', 'nope' or 'learned'
-tapa_alpha = 0.1
-tapa_theta = 0.5
-tapa_phase = 'quadratic'
-tapa_phase_scale = 1.0       # multiplies TAPA's phase phi (1.0 = the paper's Eq. 12); see model.py
 tapa_phase_warmup_iters = 0  # ramp TAPA's phase in linearly over the first this-many iterations (0 = off)
-rope_base = 10000.0
-rope_scaling = None
-rope_factor = 1.0
-rope_original_block_size = None
-yarn_beta_fast = 32.0
-yarn_beta_slow = 1.0
-attn_impl = 'auto'
 # AdamW
 learning_rate = 1e-3         # the peak learning rate
 max_iters = 5000             # optimizer steps in total
@@ -88,10 +77,11 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))]
-DEFAULTS = {k: globals()[k] for k in config_keys}
-# what the settings whose type their default doesn't tell may also be
-OPTIONAL_TYPES = {'rope_scaling': str, 'rope_original_block_size': int, 'compile': bool}
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
+DEFAULTS = {**{k: globals()[k] for k in config_keys},
+            **{f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS and f.name not in config_keys}}
+# what the settings whose type their default doesn't tell may also be (GPTConfig's: Optional[type])
+OPTIONAL_TYPES = {'compile': bool, **{f.name: typing.get_args(f.type)[0] for f in fields(GPTConfig) if f.default is None}}
 # the settings that shape the weights: a checkpoint's (or a given model's) values must win over them.
 # dropout and attn_impl may change (attn_impl computes the same function, only faster or leaner).
 ARCH_KEYS = [k for k in MODEL_KEYS if k not in ('dropout', 'attn_impl')]
@@ -118,8 +108,7 @@ def check_settings(cfg):
     for k, allowed in choices.items():
         if cfg[k] not in allowed:
             raise ConfigError(f"{k}={cfg[k]!r} must be one of {allowed}")
-    for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-              'eval_iters', 'max_iters', 'n_layer', 'n_head', 'n_embd'):
+    for k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters', 'max_iters'):
         if cfg[k] < (0 if k == 'max_iters' else 1):
             raise ConfigError(f"{k}={cfg[k]} is too small (it must be at least {0 if k == 'max_iters' else 1})")
 
@@ -141,20 +130,12 @@ def check_settings(cfg):
         need(0 <= cfg[k] < 1, k, 'within [0, 1)', "AdamW's decay rates of its gradient averages; 0.9 and 0.95-0.999 are usual")
     need(cfg['weight_decay'] >= 0, 'weight_decay', '>= 0', '0 = none')
     need(cfg['grad_clip'] >= 0, 'grad_clip', '>= 0', 'the largest gradient norm; 0 = no clipping')
-    need(0 <= cfg['dropout'] < 1, 'dropout', 'within [0, 1)', 'the probability of zeroing an activation; 0 = off')
     need(0 <= cfg['seed'] < 2**32, 'seed', 'within [0, 2**32)', "numpy's seeds are 32-bit")
     need(cfg['out_dir'] != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
     need(not os.path.isfile(cfg['out_dir']), 'out_dir', 'a folder, not an existing file',
          'where ckpt.pt and log.jsonl are written')
-    if cfg['pos_encoding'] == 'rope':
-        need(cfg['rope_base'] > 1, 'rope_base', '> 1', 'pair i rotates at base^(-2i/D) radians per token: '
-             'only a base above 1 gives the slower and slower rotations RoPE relies on; 10000 is usual')
-        if cfg['rope_scaling'] == 'yarn':
-            for k in ('yarn_beta_fast', 'yarn_beta_slow'):
-                need(cfg[k] > 0, k, '> 0', "YaRN's thresholds in rotations over the original context; "
-                     "32 and 1 are usual")
-    try:  # the model's own checks (positional encoding names, head sizes, TAPA's split...)
-        check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
+    try:  # the model's settings: model.check_config is their one validator
+        check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=1))
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -319,7 +300,16 @@ def get_batch(path, batch_size, block_size, generator, device):
 
 
 # -----------------------------------------------------------------------------
-# learning rate and evaluation
+# optimizer, learning rate and evaluation
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW; weight decay on matrices (2D params) only, never on biases, norms or gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    use_fused = device_type == 'cuda'  # the fused kernel is faster and exists on CUDA
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=use_fused)
+
 
 def get_lr(it, cfg):
     """Linear warmup for warmup_iters, cosine decay to min_lr until lr_decay_iters, then min_lr."""
@@ -517,8 +507,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     model.to(device)
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none (no-op then)
     scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), device.type)
+    optimizer = configure_optimizers(model, cfg['weight_decay'], cfg['learning_rate'],
+                                     (cfg['beta1'], cfg['beta2']), device.type)
     iter_num, best_val_loss, elapsed_before = 0, float('inf'), 0.0
     os.makedirs(out_dir, exist_ok=True)
     if checkpoint is not None:
@@ -554,6 +544,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.config.pos_encoding}, "
           f"{raw_model.config.n_layer} layers, n_embd {raw_model.config.n_embd}, context {cfg['block_size']}")
     print(f"tokens per iteration: {gas} x {cfg['batch_size']} x {cfg['block_size']} = {tokens_per_iter:,}")
+    print(fast_attention.describe(raw_model, device, ptdtype))  # which implementation the attention runs
 
     def log(record):
         with open(log_path, 'a') as f:

@@ -14,7 +14,7 @@ line of JSON to --results (default runs/tapa_probe/results.jsonl), and `--table`
 
 Why a loop of its own rather than train.py: besides the settings that model.py and train.py have
 (alpha, theta, tapa_phase_scale, tapa_phase_warmup_iters), it tries variants that are NOT in
-model.py, by wrapping the attention of each block:
+model.py, as its own entry in model.py's PE_TABLE (an attention function with per-layer parameters):
   --qk_norm=amp|phase|both   RMS-normalize the amplitude and/or phase parts of q and k, with a
                              learnable per-head gain (QK-norm)
   --phase_lr_mult=m          a separate learning rate for the phase rows of the q/k projection
@@ -76,7 +76,7 @@ def parse(argv):
             settings[key] = type(default)(value)
         except ValueError:
             sys.exit(f"--{key}={value}: expected a {type(default).__name__} (the default is {default!r})")
-    choices = {'pe': M.POS_ENCODINGS, 'phase': ('quadratic', 'linear'), 'qk_norm': ('none', 'amp', 'phase', 'both')}
+    choices = {'pe': tuple(M.PE_TABLE), 'phase': ('quadratic', 'linear'), 'qk_norm': ('none', 'amp', 'phase', 'both')}
     for key, allowed in choices.items():
         if settings[key] not in allowed:
             sys.exit(f"--{key}={settings[key]}: expected one of {', '.join(allowed)}")
@@ -109,9 +109,21 @@ def rms_norm(x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def variant_attend(attn, s, d_amp, d_phase):
-    """TAPA's attention (Eq. 12, the naive path) with the experimental variants switched in."""
-    def attend(q, k, v, rope):
+class ProbeParams(M.TAPAPhaseScale):
+    """TAPA's phase scale plus the experimental variants' learned gains, one module per layer."""
+
+    def __init__(self, cfg, s):
+        super().__init__(cfg)
+        H = cfg.n_head
+        self.amp_gain = nn.Parameter(torch.full((H, 1, 1), s['qk_gain_init']))
+        self.phase_gain = nn.Parameter(torch.full((H, 1, 1), s['phase_gain_init']))
+        self.phase_bias = nn.Parameter(torch.linspace(s['phase_bias'] / H, s['phase_bias'], H).view(H, 1, 1))
+
+
+def variant_attend(s, d_amp, d_phase):
+    """TAPA's attention (Eq. 12, the naive path) with the experimental variants switched in: a
+    PE_TABLE attention function, params being the layer's ProbeParams."""
+    def attend(q, k, v, pos, params, cfg):
         Tq, Tk = q.size(2), k.size(2)
         q_amp, q_phase, k_amp, k_phase = q[..., :d_amp], q[..., d_amp:], k[..., :d_amp], k[..., d_amp:]
         if s['qk_norm'] in ('amp', 'both'):
@@ -120,16 +132,16 @@ def variant_attend(attn, s, d_amp, d_phase):
             q_phase, k_phase = rms_norm(q_phase), rms_norm(k_phase)
         amplitude = q_amp @ k_amp.transpose(-1, -2) / math.sqrt(d_amp)
         if s['qk_norm'] in ('amp', 'both'):
-            amplitude = amplitude * attn.amp_gain
+            amplitude = amplitude * params.amp_gain
         if s['phase'] == 'quadratic':
             phi = q_phase @ k_phase.transpose(-1, -2) / math.sqrt(d_phase)
         else:
             phi = (q_phase.sum(-1)[..., :, None] + k_phase.sum(-1)[..., None, :]) / math.sqrt(d_phase)
-        phi = phi * attn.tapa_dim_scale[-1]  # tapa_phase_scale x the warm-up ramp, as model.py applies it
+        phi = phi * params.dim_scale[-1]  # tapa_phase_scale x the warm-up ramp, as model.py applies it
         if s['qk_norm'] in ('phase', 'both'):
-            phi = phi * attn.phase_gain
+            phi = phi * params.phase_gain
         if s['phase_bias']:
-            phi = phi + attn.phase_bias
+            phi = phi + params.phase_bias
         weight = M.tapa_distance_weight(Tk - Tq, Tq, 0, Tk, s['alpha'], q.device)
         scores = amplitude * torch.cos(2 * math.pi * weight * phi)
         scores = scores.masked_fill(~M.causal_mask(Tq, Tk, q.device), float('-inf'))
@@ -137,22 +149,25 @@ def variant_attend(attn, s, d_amp, d_phase):
     return attend
 
 
+def set_phase_ramp(model, ramp):
+    """model.set_tapa_phase_ramp, for the shared phase scale and the variants' per-layer ones alike."""
+    for module in model.modules():
+        if isinstance(module, M.TAPAPhaseScale):
+            module.set_factor(model.config.tapa_phase_scale * ramp)
+
+
 def build(s):
     vocab_size = read_meta(s['data_dir'])['vocab_size']  # 256 for bytes, 50257 for GPT-2 BPE
     cfg = M.GPTConfig(n_layer=4, n_head=s['n_head'], n_embd=128, block_size=s['block_size'], vocab_size=vocab_size, bias=s['bias'],
                       pos_encoding=s['pe'], tapa_alpha=s['alpha'], tapa_theta=s['theta'], tapa_phase=s['phase'],
                       tapa_phase_scale=s['phase_scale'], attn_impl='naive')
-    model = M.GPT(cfg)
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
     d_amp, d_phase = M.tapa_split(D, s['theta']) if s['pe'] == 'tapa' else (0, 0)
-    experimental = s['qk_norm'] != 'none' or s['phase_bias']
-    if s['pe'] == 'tapa' and experimental:
-        for block in model.transformer.h:
-            attn = block.attn
-            attn.amp_gain = nn.Parameter(torch.full((H, 1, 1), s['qk_gain_init']))
-            attn.phase_gain = nn.Parameter(torch.full((H, 1, 1), s['phase_gain_init']))
-            attn.phase_bias = nn.Parameter(torch.linspace(s['phase_bias'] / H, s['phase_bias'], H).view(H, 1, 1))
-            attn.attend = variant_attend(attn, s, d_amp, d_phase)
+    if s['pe'] == 'tapa' and (s['qk_norm'] != 'none' or s['phase_bias']):
+        # the variants as this process's TAPA entry of model.py's table: per-layer parameters of their own
+        M.PE_TABLE['tapa'] = M.PositionalEncoding(variant_attend(s, d_amp, d_phase), shared=False,
+                                                  params=lambda cfg: ProbeParams(cfg, s), check=M.check_tapa)
+    model = M.GPT(cfg)
     # the phase rows of c_attn (q's and k's), for --phase_lr_mult
     phase_rows = torch.tensor([part * cfg.n_embd + h * D + d for part in (0, 1) for h in range(H)
                                for d in range(d_amp, D)], dtype=torch.long)
@@ -198,7 +213,7 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = lr_at(it)
         if s['phase_warmup']:
-            model.set_tapa_phase_ramp(min(1.0, (it + 1) / s['phase_warmup']))
+            set_phase_ramp(model, min(1.0, (it + 1) / s['phase_warmup']))
         x, y = batch(train_tokens, torch.randint(len(train_tokens) - T - 1, (B,), generator=batches).numpy(), T)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -217,7 +232,7 @@ def main():
             print(f"{s['name']} iter {it + 1}: train loss {np.mean(losses[-100:]):.3f} ({time.time() - t0:.0f}s)", flush=True)
 
     model.eval()
-    model.set_tapa_phase_ramp(1.0)
+    set_phase_ramp(model, 1.0)
     val_loss = {}
     windows = torch.Generator().manual_seed(0)
     with torch.no_grad():

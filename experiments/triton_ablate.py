@@ -31,6 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fast_attention  # noqa: E402
 import model  # noqa: E402
 import tapa_triton as tt  # noqa: E402
 from triton_tiles import add_shape_arguments  # noqa: E402  (this folder is on sys.path when run as a script)
@@ -89,7 +90,7 @@ def time_variant(args):
     if args._variant == 'rope':
         cfg = model.GPTConfig(n_head=H, n_embd=H * D, block_size=L)
         cos, sin = (t.to('cuda') for t in model.rope_cos_sin(cfg, D, L, 'cuda'))
-        fwd, bwd = fwd_bwd_ms(lambda: model.dot_product_attention(model.apply_rope(q, cos, sin),
+        fwd, bwd = fwd_bwd_ms(lambda: fast_attention.sdpa_attention(model.apply_rope(q, cos, sin),
                                                                     model.apply_rope(k, cos, sin), v))
         return {'fwd': fwd, 'bwd': bwd}
     use_variant(args._variant)

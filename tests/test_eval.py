@@ -29,6 +29,7 @@ if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(TIKTOKEN_CACHE):
 
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
+import sample  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -331,7 +332,7 @@ def test_passkey_scores_match_generate_and_a_full_forward():
     with torch.no_grad():
         for p, g, l in zip(prompts, gen, ll):
             idx = torch.tensor([p['ids']])
-            assert g == model.generate(idx, n_new, temperature=0)[0, 130:].tolist()
+            assert g == sample.generate(model, idx, n_new, temperature=0)[0, 130:].tolist()
             full = torch.tensor([p['ids'] + p['answer']])
             logits, _ = model(full, targets=torch.zeros_like(full))
             logp = F.log_softmax(logits[0].double(), dim=-1)

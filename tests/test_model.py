@@ -8,8 +8,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (GPT, GPTConfig, alibi_slopes, apply_rope, rope_frequencies,  # noqa: E402
-                   tapa_attention)
+import sample  # noqa: E402
+from finetune_long import change_context  # noqa: E402
+import train  # noqa: E402
+from fast_attention import tapa_attention  # noqa: E402  (impl='naive' is model.tapa_attention)
+from model import GPT, GPTConfig, alibi_slopes, apply_rope, rope_frequencies  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -178,11 +181,15 @@ def test_tapa_model_trains_under_bfloat16_autocast(kw, monkeypatch):
     """train.py runs the model under autocast on a GPU (bfloat16 or float16). q, k, v must reach the
     attention in one dtype (the fused kernel refuses a mix), and each path must give float32's loss
     and gradients up to bfloat16's rounding. (The CPU autocast stands in for the GPU's here.)"""
+    import fast_attention
     import model as model_module
     seen = []
-    real = model_module.tapa_attention
-    monkeypatch.setattr(model_module, 'tapa_attention', lambda q, k, v, *a: seen.append((q.dtype, k.dtype, v.dtype))
-                        or real(q, k, v, *a))
+    # the reference (naive) or the engine's dispatch (chunked): spying on the reference would make the
+    # engine see an edited reference and run it instead of the chunked path
+    module = model_module if kw['attn_impl'] == 'naive' else fast_attention
+    real = module.tapa_attention
+    monkeypatch.setattr(module, 'tapa_attention', lambda q, k, v, *a, **kw: seen.append((q.dtype, k.dtype, v.dtype))
+                        or real(q, k, v, *a, **kw))
     torch.manual_seed(0)
     gpt = GPT(tiny_config(pos_encoding='tapa', block_size=64, **kw))
     if kw.get('tapa_phase_scale'):
@@ -325,7 +332,7 @@ def test_rope_frequencies_match_published_formulas(D):
 def test_yarn_scales_logits_by_mscale_squared():
     cfg = tiny_config(pos_encoding='rope', rope_scaling='yarn', rope_factor=4.0, rope_original_block_size=32)
     model = GPT(cfg)
-    cos, sin = model.rope(8, torch.device('cpu'))
+    cos, sin = model.pe_tables(8, torch.device('cpu'))
     mscale = 0.1 * math.log(4.0) + 1
     torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, mscale ** 2))
 
@@ -426,7 +433,7 @@ def test_generate_with_cache_matches_greedy_without_cache():
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding='tapa')).eval()
     prompt = torch.randint(0, 61, (1, 5))
-    out = model.generate(prompt, 12, temperature=0)
+    out = sample.generate(model, prompt, 12, temperature=0)
     idx = prompt
     with torch.no_grad():
         for _ in range(12):
@@ -448,19 +455,19 @@ def test_learned_refuses_contexts_beyond_block_size():
     with pytest.raises(ValueError, match='learned position embeddings'):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match='interpolate_learned'):
-        model.change_context(32)
-    model.change_context(31, interpolate_learned=True)
+        change_context(model, 32)
+    change_context(model, 31, interpolate_learned=True)
     assert model.transformer.wpe.weight.shape[0] == 31
     model(torch.zeros(1, 31, dtype=torch.long))
 
 
 def test_change_context_records_the_original_length_for_rope():
     model = GPT(tiny_config(pos_encoding='rope', block_size=16))
-    model.change_context(64, rope_scaling='yarn', rope_factor=4.0)
+    change_context(model, 64, rope_scaling='yarn', rope_factor=4.0)
     cfg = model.config
     assert (cfg.block_size, cfg.rope_original_block_size, cfg.rope_scaling) == (64, 16, 'yarn')
     with pytest.raises(ValueError, match='unknown config field'):
-        model.change_context(64, rope_sclaing='yarn')
+        change_context(model, 64, rope_sclaing='yarn')
 
 
 def test_tapa_adds_no_parameters_and_weights_are_tied():
@@ -479,7 +486,7 @@ def test_loss_at_init_is_near_uniform_and_training_step_reduces_it():
     idx, targets = torch.randint(0, 61, (4, 16)), torch.randint(0, 61, (4, 16))
     _, loss = model(idx, targets=targets)
     assert abs(loss.item() - math.log(61)) < 0.1
-    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    opt = train.configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu')
     for _ in range(20):
         _, loss2 = model(idx, targets=targets)
         opt.zero_grad()

@@ -138,7 +138,7 @@ def run_case(B, H, Tq, Tk, D, theta, phase, alpha, dtype='float32', block_m=16, 
     """Worker side: the kernel's output and gradients against the float64 reference, as relative errors."""
     import torch
     import tapa_triton
-    from model import tapa_attention
+    from fast_attention import tapa_attention
     from tapa_triton import tapa_attention_triton
     if poisoned_table:
         real_table = tapa_triton._distance_table
@@ -356,7 +356,7 @@ def test_auto_picks_the_kernel_only_where_it_runs(tt, monkeypatch):
     """attn_impl='auto': the kernel on an NVIDIA GPU for the head dims and dtypes it takes; PyTorch's
     paths otherwise (an AMD GPU, which PyTorch also calls 'cuda'; head dim 8; float64)."""
     import torch
-    import model
+    import fast_attention as model  # pick_tapa_impl lives in the engine
     monkeypatch.setitem(sys.modules, 'tapa_triton', tt)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 6))  # an RTX 30xx

@@ -85,7 +85,7 @@ def poison_allocator():
 
 def compare(B, H, Tq, Tk, D, theta, phase, alpha, dtype, layout='bhtd', deterministic=True, seed=0):
     """Relative errors of the kernel and of the naive PyTorch path in `dtype`, against float64."""
-    from model import tapa_attention
+    from fast_attention import tapa_attention
     from tapa_triton import tapa_attention_triton
     from test_tapa_triton import forward_backward
     dt = getattr(torch, dtype)
@@ -213,7 +213,8 @@ def test_model_under_autocast_uses_the_kernel(phase):
     gpt = model.GPT(cfg).cuda()
     gpt.set_tapa_phase_ramp(1.0)
     x = torch.randint(0, 256, (2, 512), device='cuda')
-    assert model.pick_tapa_impl('auto', x.device, 512, 512, 64, torch.bfloat16) == 'triton'
+    import fast_attention
+    assert fast_attention.pick_tapa_impl('auto', x.device, 512, 512, 64, torch.bfloat16) == 'triton'
     _, loss32 = gpt(x, x)
     grads32 = torch.autograd.grad(loss32, list(gpt.parameters()))
     with torch.autocast('cuda', dtype=torch.bfloat16):

@@ -304,7 +304,7 @@ def test_figures_are_written(tmp_path):
 # the doc's links into model.py
 
 DOC = os.path.join(ROOT, 'docs', 'positional_encodings.md')
-LINK = re.compile(r'\[`([^`]+)`\]\(\.\./model\.py#L(\d+)-L(\d+)\)')
+LINK = re.compile(r'\[`([^`]+)`\]\(\.\./(\w+\.py)#L(\d+)-L(\d+)\)')  # into model.py, fast_attention.py...
 
 
 def block_end(lines, start):
@@ -326,19 +326,19 @@ def block_end(lines, start):
 def test_doc_line_references_point_at_what_they_name():
     with open(DOC) as f:
         doc = f.read()
-    with open(os.path.join(ROOT, 'model.py')) as f:
-        lines = f.read().split('\n')
     refs = LINK.findall(doc)
     assert len(refs) >= 10, "the doc should link the code it explains"
     fix = "; run `python docs/update_refs.py` to refresh the line numbers"
-    for name, a, b in refs:
+    for name, file, a, b in refs:
+        with open(os.path.join(ROOT, file)) as f:
+            lines = f.read().split('\n')
         a, b = int(a), int(b)
-        assert 1 <= a <= b <= len(lines), f"{name}: lines {a}-{b} are outside model.py{fix}"
+        assert 1 <= a <= b <= len(lines), f"{name}: lines {a}-{b} are outside {file}{fix}"
         if re.fullmatch(r'[A-Za-z_][\w.]*', name):  # a function, class or method: Name or Class.method
             short = name.split('.')[-1]
             assert re.match(rf'\s*(def|class) {short}\b', lines[a - 1]), \
-                f"model.py#L{a} should begin `def {short}`/`class {short}` but is {lines[a - 1]!r}{fix}"
+                f"{file}#L{a} should begin `def {short}`/`class {short}` but is {lines[a - 1]!r}{fix}"
             assert b == block_end(lines, a), f"{name} ends at line {block_end(lines, a)}, not {b}{fix}"
-        else:  # a code snippet: on exactly one line of model.py (so it cannot be confused), which the link starts at
-            assert sum(name in line for line in lines) == 1, f"`{name}` must be on exactly one line of model.py"
-            assert name in lines[a - 1], f"`{name}` is not on model.py#L{a}{fix}"
+        else:  # a code snippet: on exactly one line of the file (so it cannot be confused), which the link starts at
+            assert sum(name in line for line in lines) == 1, f"`{name}` must be on exactly one line of {file}"
+            assert name in lines[a - 1], f"`{name}` is not on {file}#L{a}{fix}"

@@ -139,3 +139,13 @@ def get_overrides(defaults, argv, optional_types=None, doc=None):
                     raise unknown_key_error(key, defaults, where)
                 overrides[key] = check_value(key, value, allowed_types(key, defaults, optional_types), where)
     return overrides
+
+
+class Settings(dict):
+    """A run's settings: a dict (saved in checkpoints as one) whose entries read as attributes too."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None

@@ -51,7 +51,7 @@ import fast_attention
 from eval_ppl import (autocast_for, dyadic_lengths, load_models, make_labels, parse_config, parse_lengths,
                       pick_device, resolve_ckpt_path, train_data_dir)
 from tokenizer import get_tokenizer
-from train import TrainError
+from runtime import TrainError
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by a config file and/or --key=value on the command line

@@ -57,7 +57,7 @@ import fast_attention
 from configurator import get_overrides
 from finetune_long import change_context
 from model import GPTConfig
-from train import TrainError, has_native_bfloat16, load_checkpoint, model_from_checkpoint, pick_device
+from runtime import TrainError, autocast_for, load_checkpoint, model_from_checkpoint, pick_device
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -300,19 +300,6 @@ def make_labels(models, explicit=''):
 
 def run_name(path):
     return os.path.basename(os.path.dirname(os.path.abspath(path))) or path
-
-
-def autocast_for(dev, name='auto'):
-    """bfloat16 autocast on CUDA (float16 where the GPU lacks bf16), plain float32 elsewhere."""
-    if name == 'auto':
-        if dev.type != 'cuda':
-            return nullcontext()
-        name = 'bfloat16' if has_native_bfloat16(dev) else 'float16'
-    if name == 'float32':
-        return nullcontext()
-    if name not in ('bfloat16', 'float16'):
-        raise ValueError(f"dtype={name!r}: use auto, float32, bfloat16 or float16")
-    return torch.autocast(device_type=dev.type, dtype=getattr(torch, name))
 
 
 def load_models(paths, config, log=print):

@@ -41,6 +41,7 @@ given is otherwise taken from the pretrained run (data, tokenizer, betas, grad_c
 import os
 import sys
 
+import runtime
 import train
 from configurator import ConfigError, get_overrides
 from model import PE_TABLE, check_config
@@ -154,7 +155,7 @@ def check_resume(overrides):
     """On resume everything comes from <out_dir>/ckpt.pt; fine-tuning settings given again must agree."""
     if not overrides.get('out_dir'):
         raise ConfigError("--init_from=resume continues the fine-tune in --out_dir: pass it")
-    saved = train.load_checkpoint(os.path.join(overrides['out_dir'], 'ckpt.pt'))['config']
+    saved = runtime.load_checkpoint(os.path.join(overrides['out_dir'], 'ckpt.pt'))['config']
     if not saved.get('init_ckpt'):  # resuming it here would go on pretraining, into the pretrained checkpoint
         raise ConfigError(f"{overrides['out_dir']}/ckpt.pt is a pretraining run (train.py), not a fine-tune: "
                           f"continue it with python train.py --init_from=resume --out_dir={overrides['out_dir']}, "
@@ -183,9 +184,9 @@ def finetune(overrides):
     if cfg['factor'] < 1:
         raise ConfigError(f"factor={cfg['factor']} must be >= 1 (this script raises the context)")
     ckpt_path = pretrained_path(cfg)
-    checkpoint = train.load_checkpoint(ckpt_path)
+    checkpoint = runtime.load_checkpoint(ckpt_path)
     pre = checkpoint['config']
-    model = train.model_from_checkpoint(checkpoint)
+    model = runtime.model_from_checkpoint(checkpoint)
     del checkpoint  # its optimizer state is of no use: fine-tuning starts a fresh AdamW
     mc = model.config
     old, new = mc.block_size, int(round(cfg['factor'] * mc.block_size))
@@ -246,7 +247,7 @@ def finetune(overrides):
 if __name__ == '__main__':
     try:
         finetune(get_overrides(DEFAULTS, sys.argv[1:], OPTIONAL_TYPES, doc=__doc__))  # -h: usage and settings
-    except (ConfigError, train.TrainError) as e:
+    except (ConfigError, runtime.TrainError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # train.train() says what there is to continue from
         sys.exit(f"\n{e or 'interrupted'}")

@@ -11,7 +11,6 @@ KV cache: each new token costs one forward pass of one token, not of the whole t
 
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
@@ -19,7 +18,7 @@ from torch.nn import functional as F
 import fast_attention
 from configurator import ConfigError, get_overrides
 from tokenizer import get_tokenizer
-from train import TrainError, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+from runtime import TrainError, autocast_for, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # the folder holding ckpt.pt
@@ -72,15 +71,15 @@ def main(argv):
                               f"({getattr(e, 'strerror', None) or e}); FILE: takes the path of a UTF-8 text "
                               f"file") from None
     dev = pick_device(cfg['device'])
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[pick_dtype(cfg['dtype'], dev)]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=dev.type, dtype=ptdtype)
+    dtype = pick_dtype(cfg['dtype'], dev)
+    autocast = autocast_for(dev, dtype)
     checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
     # the tokenizer the model was trained with (older checkpoints: guess it from the vocabulary size)
     tokenizer = get_tokenizer(checkpoint['config'].get('tokenizer') or
                               ('byte' if checkpoint['model_args']['vocab_size'] <= 256 else 'gpt2'))
     model = model_from_checkpoint(checkpoint)
     model.eval().to(dev)
-    print(fast_attention.describe(model, dev, ptdtype), file=sys.stderr)  # stderr: stdout is the samples
+    print(fast_attention.describe(model, dev, getattr(torch, dtype)), file=sys.stderr)  # stderr: stdout is the samples
     del checkpoint  # the optimizer state is big and of no use here
 
     # allow_eot: a literal '<|endoftext|>' in the prompt means "a new document starts here"

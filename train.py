@@ -12,7 +12,8 @@ continues exactly where it stopped) and log.jsonl (a JSON line per log_interval 
 Reuse: the whole run is the function train(overrides, model=None). finetune_long.py calls it with a
 pretrained model whose context it has raised (finetune_long.change_context), and so gets this same loop:
 data, learning rate schedule, evaluation, checkpoints, logging, resume. Other scripts use
-get_overrides (configurator.py), load_checkpoint and model_from_checkpoint from here.
+get_overrides (configurator.py), and load_checkpoint and model_from_checkpoint from runtime.py, which
+also holds the device and precision policy and the checkpoint plumbing this file uses.
 """
 
 import json
@@ -22,7 +23,6 @@ import random
 import sys
 import time
 import typing
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -30,8 +30,10 @@ import torch
 from tqdm import tqdm
 
 import fast_attention
-from configurator import ConfigError, allowed_types, check_value, get_overrides, unknown_key_error
+from configurator import ConfigError, Settings, allowed_types, check_value, get_overrides, unknown_key_error
 from model import GPT, GPTConfig, check_config
+from runtime import (DTYPES, TrainError, autocast_for, compiles_on, load_checkpoint, pick_device, pick_dtype,
+                     restore_training, save_checkpoint, training_checkpoint, trim_log)
 from tokenizer import TOKENIZERS
 
 # -----------------------------------------------------------------------------
@@ -87,15 +89,7 @@ OPTIONAL_TYPES = {'compile': bool, **{f.name: typing.get_args(f.type)[0] for f i
 ARCH_KEYS = [k for k in MODEL_KEYS if k not in ('dropout', 'attn_impl')]
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-FORMAT_VERSION = 1
-CHECKPOINT_KEYS = ('model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num',
-                   'best_val_loss', 'rng', 'format_version')
 EVAL_SEED = 2024  # the fixed evaluation batches (see estimate_loss)
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-
-
-class TrainError(RuntimeError):
-    """A problem with the data, a checkpoint or the run itself; the message says what to do."""
 
 
 # -----------------------------------------------------------------------------
@@ -119,20 +113,20 @@ def check_settings(cfg):
         if not ok:
             raise ConfigError(f"{key}={cfg[key]!r} must be {rule} ({why})")
     # a learning rate of 0 is allowed: steps that change nothing (a test of the plumbing may want them)
-    need(cfg['learning_rate'] >= 0, 'learning_rate', '>= 0', 'the peak learning rate; 0 changes nothing')
-    need(cfg['warmup_iters'] >= 0, 'warmup_iters', '>= 0', '0 = no warmup')
-    if cfg['decay_lr']:
-        need(0 <= cfg['min_lr'] <= cfg['learning_rate'], 'min_lr', f"within [0, learning_rate={cfg['learning_rate']:g}]",
+    need(cfg.learning_rate >= 0, 'learning_rate', '>= 0', 'the peak learning rate; 0 changes nothing')
+    need(cfg.warmup_iters >= 0, 'warmup_iters', '>= 0', '0 = no warmup')
+    if cfg.decay_lr:
+        need(0 <= cfg.min_lr <= cfg.learning_rate, 'min_lr', f"within [0, learning_rate={cfg.learning_rate:g}]",
              'the schedule decays from learning_rate down to min_lr; learning_rate / 10 is usual')
-        if cfg['lr_decay_iters'] <= cfg['warmup_iters']:
-            raise ConfigError(f"lr_decay_iters={cfg['lr_decay_iters']} must be larger than warmup_iters={cfg['warmup_iters']}")
+        if cfg.lr_decay_iters <= cfg.warmup_iters:
+            raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} must be larger than warmup_iters={cfg.warmup_iters}")
     for k in ('beta1', 'beta2'):
         need(0 <= cfg[k] < 1, k, 'within [0, 1)', "AdamW's decay rates of its gradient averages; 0.9 and 0.95-0.999 are usual")
-    need(cfg['weight_decay'] >= 0, 'weight_decay', '>= 0', '0 = none')
-    need(cfg['grad_clip'] >= 0, 'grad_clip', '>= 0', 'the largest gradient norm; 0 = no clipping')
-    need(0 <= cfg['seed'] < 2**32, 'seed', 'within [0, 2**32)', "numpy's seeds are 32-bit")
-    need(cfg['out_dir'] != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
-    need(not os.path.isfile(cfg['out_dir']), 'out_dir', 'a folder, not an existing file',
+    need(cfg.weight_decay >= 0, 'weight_decay', '>= 0', '0 = none')
+    need(cfg.grad_clip >= 0, 'grad_clip', '>= 0', 'the largest gradient norm; 0 = no clipping')
+    need(0 <= cfg.seed < 2**32, 'seed', 'within [0, 2**32)', "numpy's seeds are 32-bit")
+    need(cfg.out_dir != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
+    need(not os.path.isfile(cfg.out_dir), 'out_dir', 'a folder, not an existing file',
          'where ckpt.pt and log.jsonl are written')
     try:  # the model's settings: model.check_config is their one validator
         check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=1))
@@ -148,18 +142,18 @@ def resolve_config(overrides, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES, 
         if key not in defaults:
             raise unknown_key_error(key, defaults, 'passed to train()')
         overrides[key] = check_value(key, value, allowed_types(key, defaults, optional_types), 'passed to train()')
-    cfg = {**defaults, **overrides}
+    cfg = Settings({**defaults, **overrides})
     checkpoint, arch, source = None, None, None
-    if cfg['init_from'] == 'resume':
+    if cfg.init_from == 'resume':
         if model is not None:
             raise ConfigError("init_from='resume' takes the model from the checkpoint; don't pass a model too")
-        checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
+        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
         # the checkpoint's settings replace the defaults, so resuming needs no config file
         saved = {k: v for k, v in checkpoint['config'].items() if k in defaults}
-        cfg = {**defaults, **saved, **overrides, 'out_dir': cfg['out_dir'], 'init_from': 'resume'}
+        cfg = Settings({**defaults, **saved, **overrides, 'out_dir': cfg.out_dir, 'init_from': 'resume'})
         # the tokenizer is part of the model too (its embedding rows mean its tokens)
         arch = {**checkpoint['model_args'], 'tokenizer': checkpoint['config'].get('tokenizer')}
-        source = f"the checkpoint {cfg['out_dir']}/ckpt.pt"
+        source = f"the checkpoint {cfg.out_dir}/ckpt.pt"
     elif model is not None:
         arch, source = asdict(model.config), "the model passed to train()"
     if arch is not None:
@@ -173,113 +167,35 @@ def resolve_config(overrides, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES, 
     return cfg, checkpoint
 
 
-def mps_available():
-    return getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
-
-
-def available_devices():
-    """The devices this machine has, for error messages: e.g. "'cpu', 'cuda' (= 'cuda:0'), 'cuda:1'"."""
-    names = ["'cpu'"]
-    if torch.cuda.is_available():
-        names += ["'cuda' (= 'cuda:0')"] + [f"'cuda:{i}'" for i in range(1, torch.cuda.device_count())]
-    if mps_available():
-        names.append("'mps'")
-    return ', '.join(names)
-
-
-def pick_device(name):
-    """'auto' = the best device present; any other name must be a device this machine has (torch
-    itself would only fail at the first tensor moved there, with an assertion about how it was built)."""
-    if name != 'auto':
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ConfigError(f"device={name!r} is not a device name; this machine has: {available_devices()} "
-                              f"(or 'auto' for the best of them)") from None
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r}, but CUDA is not available here (no NVIDIA GPU, or a torch "
-                              f"built without CUDA). This machine has: {available_devices()}; or use 'auto'")
-        if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
-                              f"{available_devices()}")
-        if device.type == 'mps' and not mps_available():
-            raise ConfigError(f"device={name!r}, but MPS (Apple GPUs) is not available here. This machine has: "
-                              f"{available_devices()}; or use 'auto'")
-        return device
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if mps_available():
-        return torch.device('mps')
-    return torch.device('cpu')
-
-
-def has_native_bfloat16(device):
-    """bfloat16 in the tensor cores: NVIDIA compute capability 8.0 (Ampere) and newer. (Not
-    torch.cuda.is_bf16_supported(), which also says yes where bfloat16 is only emulated, e.g. on an
-    RTX 20xx or a T4: slow, and without SDPA's fused kernels. It asks about the current GPU, too.)"""
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def compiles_on(device):
-    """What compile='auto' decides: on CUDA GPUs, where torch.compile's default backend generates
-    Triton kernels, so only if Triton is there (PyTorch's Windows wheels ship none) and the GPU is one
-    Triton supports (compute capability 7.0+; not a GTX 10xx). Elsewhere the gain is small."""
-    if device.type != 'cuda':
-        return False
-    try:
-        from torch.utils._triton import has_triton  # torch's own test (a private helper)
-    except ImportError:
-        import importlib.util
-
-        def has_triton():
-            return importlib.util.find_spec('triton') is not None
-    return has_triton() and torch.cuda.get_device_capability(device) >= (7, 0)
-
-
-def pick_dtype(name, device):
-    """bfloat16 where the GPU has it (same range as float32: no loss scaling needed), else float16
-    with a GradScaler on CUDA; float32 on CPU and MPS, where mixed precision rarely pays off."""
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not one of {DTYPES}")
-    if name == 'auto':
-        if device.type == 'cuda':
-            return 'bfloat16' if has_native_bfloat16(device) else 'float16'
-        return 'float32'
-    if name == 'float16' and device.type != 'cuda':
-        raise ConfigError("dtype='float16' needs loss scaling, which this script does on CUDA only; "
-                          "use 'bfloat16' or 'float32'")
-    return name
-
-
 # -----------------------------------------------------------------------------
 # data: data/<dataset>/<tokenizer>/{train,validation}.bin, flat uint16 tokens (see data/common.py)
 
 def find_data(cfg):
     """Check the prepared data (preparing pycode on first use) and return (data_dir, meta, bin paths)."""
     from data.common import load_split, read_meta
-    data_dir = cfg['data_dir'] or os.path.join(REPO_ROOT, 'data', cfg['dataset'], cfg['tokenizer'])
+    data_dir = cfg.data_dir or os.path.join(REPO_ROOT, 'data', cfg.dataset, cfg.tokenizer)
     if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        if cfg['dataset'] == 'pycode':  # the small built-in dataset: no reason to make anyone ask for it
+        if cfg.dataset == 'pycode':  # the small built-in dataset: no reason to make anyone ask for it
             print(f"no prepared data in {data_dir}: preparing the pycode dataset "
-                  f"({cfg['tokenizer']} tokenizer) now, on first use")
+                  f"({cfg.tokenizer} tokenizer) now, on first use")
             from data.pycode.prepare import prepare
-            prepare(tokenizer=cfg['tokenizer'], out_dir=data_dir)
-        elif not cfg['data_dir'] and not os.path.exists(os.path.join(REPO_ROOT, 'data', cfg['dataset'], 'prepare.py')):
+            prepare(tokenizer=cfg.tokenizer, out_dir=data_dir)
+        elif not cfg.data_dir and not os.path.exists(os.path.join(REPO_ROOT, 'data', cfg.dataset, 'prepare.py')):
             known = sorted(d for d in os.listdir(os.path.join(REPO_ROOT, 'data'))
                            if os.path.exists(os.path.join(REPO_ROOT, 'data', d, 'prepare.py')))
-            raise TrainError(f"unknown dataset {cfg['dataset']!r} (there is no data/{cfg['dataset']}/prepare.py); "
+            raise TrainError(f"unknown dataset {cfg.dataset!r} (there is no data/{cfg.dataset}/prepare.py); "
                              f"the datasets are: {', '.join(known)}")
     try:  # read_meta and load_split check the files and name the prepare command if they are missing
         meta = read_meta(data_dir)
         lengths = {split: len(load_split(data_dir, split)[0]) for split in ('train', 'validation')}
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from e
-    if meta['tokenizer'] != cfg['tokenizer']:
-        raise TrainError(f"{data_dir} holds {meta['tokenizer']} tokens but tokenizer={cfg['tokenizer']!r}")
+    if meta['tokenizer'] != cfg.tokenizer:
+        raise TrainError(f"{data_dir} holds {meta['tokenizer']} tokens but tokenizer={cfg.tokenizer!r}")
     for split, n in lengths.items():
-        if n < cfg['block_size'] + 1:  # a window is block_size inputs plus the one token after them
+        if n < cfg.block_size + 1:  # a window is block_size inputs plus the one token after them
             raise TrainError(f"the {split} split of {data_dir} has {n:,} tokens, too few for one window of "
-                             f"block_size+1 = {cfg['block_size'] + 1:,}; lower block_size or use more data")
+                             f"block_size+1 = {cfg.block_size + 1:,}; lower block_size or use more data")
     paths = {split: os.path.join(data_dir, f'{split}.bin') for split in lengths}
     return data_dir, meta, paths, lengths
 
@@ -313,15 +229,15 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type)
 
 def get_lr(it, cfg):
     """Linear warmup for warmup_iters, cosine decay to min_lr until lr_decay_iters, then min_lr."""
-    if not cfg['decay_lr']:
-        return cfg['learning_rate']
-    if it < cfg['warmup_iters']:
-        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
-    if it > cfg['lr_decay_iters']:
-        return cfg['min_lr']
-    ratio = (it - cfg['warmup_iters']) / (cfg['lr_decay_iters'] - cfg['warmup_iters'])
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # goes from 1 to 0
-    return cfg['min_lr'] + coeff * (cfg['learning_rate'] - cfg['min_lr'])
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
 @torch.no_grad()
@@ -334,136 +250,15 @@ def estimate_loss(model, paths, cfg, device, autocast):
     out = {}
     for i, split in enumerate(('train', 'validation')):
         generator = torch.Generator().manual_seed(EVAL_SEED + i)
-        losses = torch.zeros(cfg['eval_iters'])
-        for k in range(cfg['eval_iters']):
-            X, Y = get_batch(paths[split], cfg['batch_size'], cfg['block_size'], generator, device)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            X, Y = get_batch(paths[split], cfg.batch_size, cfg.block_size, generator, device)
             with autocast:
                 _, loss = model(X, Y)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train()
     return out
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue the run as if it had never stopped
-
-def rng_states(batch_generator, device):
-    """Every random stream: python and numpy (unused by this loop, saved for scripts that do),
-    torch's (dropout on the CPU), the training GPU's (dropout there; only that GPU's: the others may
-    be absent, or others, when the run resumes), and the generator that picks the training batches."""
-    np_state = np.random.get_state()
-    return {'python': random.getstate(),
-            # the numpy array as a list keeps the checkpoint loadable with torch.load(weights_only=True)
-            'numpy': (np_state[0], np_state[1].tolist()) + tuple(np_state[2:]),
-            'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
-            'batches': batch_generator.get_state()}
-
-
-def set_rng_states(states, batch_generator, device):
-    random.setstate(states['python'])
-    np.random.set_state((states['numpy'][0], np.array(states['numpy'][1], dtype=np.uint32)) + tuple(states['numpy'][2:]))
-    torch.set_rng_state(states['torch'])
-    cuda = states['cuda']
-    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every visible GPU's: take the first
-        cuda = cuda[0] if cuda else None
-    if cuda is not None and device.type == 'cuda':
-        torch.cuda.set_rng_state(cuda, device)
-    batch_generator.set_state(states['batches'])
-
-
-def save_checkpoint(checkpoint, out_dir):
-    """Write to a temporary file, then rename: an interruption mid-write leaves the old ckpt.pt intact."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    with open(path + '.tmp', 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)  # atomic
-    return path
-
-
-def load_checkpoint(path, required=CHECKPOINT_KEYS):
-    """Read and check a ckpt.pt written by this script (onto the CPU). required: the entries it must
-    have (a script that only needs the model may ask for less than resuming does)."""
-    if not os.path.exists(path):
-        raise TrainError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
-                         f"or point --out_dir at the folder that holds ckpt.pt")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [''])[0][:200]
-        raise TrainError(f"cannot read the checkpoint {path} ({type(e).__name__}: {first_line}); it is "
-                         f"truncated or corrupt (an interrupted copy?). Delete it, or start over with "
-                         f"--init_from=scratch") from e
-    if not isinstance(checkpoint, dict):
-        raise TrainError(f"{path} is not a checkpoint of this code (it holds a {type(checkpoint).__name__})")
-    if 'format_version' in checkpoint and checkpoint['format_version'] != FORMAT_VERSION:
-        raise TrainError(f"{path} has checkpoint format version {checkpoint['format_version']}, "
-                         f"this code reads version {FORMAT_VERSION}")
-    missing = [k for k in required if k not in checkpoint]
-    if missing:
-        raise TrainError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by this train.py")
-    return checkpoint
-
-
-def strip_compile_prefix(state_dict):
-    """A torch.compile'd model names every weight '_orig_mod.<name>'; loading must not care."""
-    prefix = '_orig_mod.'
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-
-
-def load_weights(model, checkpoint):
-    """Load a checkpoint's weights into a model built from its model_args. They fit unless the
-    checkpoint was edited or written by another version of model.py (a renamed layer, say): then
-    say so, rather than end in load_state_dict's wall of key names."""
-    state = strip_compile_prefix(checkpoint['model'])
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    resized = [f"{k} {tuple(state[k].shape)} (the model's is {tuple(v.shape)})" for k, v in expected.items()
-               if k in state and state[k].shape != v.shape]
-    if missing or unexpected or resized:
-        def first(names):
-            return ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
-        details = [f"{what}: {first(names)}" for what, names in
-                   (('missing', missing), ('unexpected', unexpected), ('of another shape', resized)) if names]
-        raise TrainError(f"the checkpoint's weights do not match its model_args "
-                         f"(pos_encoding={model.config.pos_encoding!r}, n_layer={model.config.n_layer}, ...): "
-                         f"{'; '.join(details)}. Was it saved by another version of model.py, or its "
-                         f"model_args edited?")
-    model.load_state_dict(state)
-    return model
-
-
-def model_from_checkpoint(checkpoint, **config_overrides):
-    """The GPT of a checkpoint, on the CPU; config_overrides change e.g. attn_impl."""
-    args = {**checkpoint['model_args'], **config_overrides}
-    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
-    if unknown:
-        raise TrainError(f"the checkpoint's model_args has fields {unknown} that this model.py's GPTConfig "
-                         f"lacks: it was saved by another version of the code")
-    return load_weights(GPT(GPTConfig(**args)), checkpoint)
-
-
-def trim_log(log_path, iter_num):
-    """Keep the log lines from before the checkpoint at iter_num: an interrupted run may have logged
-    further, and the resumed run will log those iterations again."""
-    if not os.path.exists(log_path):
-        return
-    keep = []
-    with open(log_path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the interruption
-            if rec['iter'] < iter_num or (rec['iter'] == iter_num and rec['kind'] == 'eval'):
-                keep.append(line if line.endswith('\n') else line + '\n')
-    with open(log_path + '.tmp', 'w') as f:
-        f.writelines(keep)
-    os.replace(log_path + '.tmp', log_path)
 
 
 # -----------------------------------------------------------------------------
@@ -477,22 +272,21 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     None); they are saved in the checkpoint too.
     Returns {'iter_num', 'best_val_loss', 'val_loss', 'model'}."""
     cfg, checkpoint = resolve_config(dict(overrides), defaults, optional_types, model)
-    out_dir, gas = cfg['out_dir'], cfg['gradient_accumulation_steps']
-    device = pick_device(cfg['device'])
-    dtype = pick_dtype(cfg['dtype'], device)
+    out_dir, gas = cfg.out_dir, cfg.gradient_accumulation_steps
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
 
-    random.seed(cfg['seed'])
-    np.random.seed(cfg['seed'])
-    torch.manual_seed(cfg['seed'])  # weight init and dropout
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # weight init and dropout
     # a generator of its own for picking training batches: the batch sequence is then a pure function
     # of the seed (dropout or evaluation draw nothing from it), and its state is easy to checkpoint
-    batch_generator = torch.Generator().manual_seed(cfg['seed'])
+    batch_generator = torch.Generator().manual_seed(cfg.seed)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: much faster, ample precision
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device.type, dtype=ptdtype)
+    autocast = autocast_for(device, dtype)  # mixed precision on GPUs (runtime.py: one policy for every script)
 
     data_dir, meta, paths, lengths = find_data(cfg)
     # GPT-2's 50257 tokens padded up to a multiple of 64 (50304): faster matmuls, the extra rows go unused
@@ -507,57 +301,44 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     model.to(device)
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none (no-op then)
     scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
-    optimizer = configure_optimizers(model, cfg['weight_decay'], cfg['learning_rate'],
-                                     (cfg['beta1'], cfg['beta2']), device.type)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate,
+                                     (cfg.beta1, cfg.beta2), device.type)
     iter_num, best_val_loss, elapsed_before = 0, float('inf'), 0.0
     os.makedirs(out_dir, exist_ok=True)
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        for group in optimizer.param_groups:  # the saved betas would otherwise win over this run's
-            group['betas'] = (cfg['beta1'], cfg['beta2'])
-        optimizer.param_groups[0]['weight_decay'] = cfg['weight_decay']  # group 0: the matrices
-        if checkpoint['scaler'] is not None and scaler.is_enabled():
-            scaler.load_state_dict(checkpoint['scaler'])
-        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-        elapsed_before = checkpoint.get('elapsed_s', 0.0)
-        # last, after building the model (whose initialization drew random numbers)
-        set_rng_states(checkpoint['rng'], batch_generator, device)
-        if not cfg['eval_only']:
+    if checkpoint is not None:  # everything back as it was saved, random streams included (runtime.py)
+        iter_num, best_val_loss, elapsed_before = restore_training(checkpoint, model, optimizer, scaler,
+                                                                   batch_generator, device, cfg)
+        if not cfg.eval_only:
             trim_log(log_path, iter_num)
         print(f"resuming from {ckpt_path} at iter {iter_num} (settings not given come from the checkpoint)")
         checkpoint = None  # free the memory
-    elif not cfg['eval_only']:
+    elif not cfg.eval_only:
         if os.path.exists(ckpt_path):
             print(f"note: {ckpt_path} exists and will be overwritten at the first save "
                   f"(--init_from=resume continues it instead)")
         open(log_path, 'w').close()  # a new run, a new log
-    use_compile = compiles_on(device) if cfg['compile'] == 'auto' else cfg['compile']
+    use_compile = compiles_on(device) if cfg.compile == 'auto' else cfg.compile
     raw_model = model  # the plain module: its state_dict has no '_orig_mod.' prefixes
     if use_compile:
         model = torch.compile(model)
 
-    tokens_per_iter = gas * cfg['batch_size'] * cfg['block_size']
+    tokens_per_iter = gas * cfg.batch_size * cfg.block_size
+    if cfg.decay_lr and cfg.max_iters < cfg.lr_decay_iters and not cfg.eval_only:
+        print(f"note: max_iters={cfg.max_iters} ends before the learning rate has decayed (lr_decay_iters="
+              f"{cfg.lr_decay_iters}); pass --lr_decay_iters={cfg.max_iters} for the whole schedule")
     print(f"device {device}, dtype {dtype}, compile {use_compile}")
     print(f"data {data_dir}: {lengths['train']:,} train / {lengths['validation']:,} validation tokens, "
           f"vocab {meta['vocab_size']} ({meta['tokenizer']})")
     print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.config.pos_encoding}, "
-          f"{raw_model.config.n_layer} layers, n_embd {raw_model.config.n_embd}, context {cfg['block_size']}")
-    print(f"tokens per iteration: {gas} x {cfg['batch_size']} x {cfg['block_size']} = {tokens_per_iter:,}")
-    print(fast_attention.describe(raw_model, device, ptdtype))  # which implementation the attention runs
+          f"{raw_model.config.n_layer} layers, n_embd {raw_model.config.n_embd}, context {cfg.block_size}")
+    print(f"tokens per iteration: {gas} x {cfg.batch_size} x {cfg.block_size} = {tokens_per_iter:,}")
+    print(fast_attention.describe(raw_model, device, getattr(torch, dtype)))  # which implementation the attention runs
 
     def log(record):
         with open(log_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
-    def make_checkpoint():
-        return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-                'model_args': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
-                'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator, device),
-                'elapsed_s': time.time() - t_start, 'format_version': FORMAT_VERSION}
-
-    start_iter, resumed = iter_num, cfg['init_from'] == 'resume'
+    start_iter, resumed = iter_num, cfg.init_from == 'resume'
     saved_iter = iter_num if resumed else None  # the iteration of this run's checkpoint on disk
 
     def last_good():  # this run's, not a ckpt.pt an earlier run in this out_dir left (a new run replaces it)
@@ -568,26 +349,26 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     losses = {}
     t_start = time.time() - elapsed_before  # elapsed time carries on across resumes
     t_last, iters_since_log = time.time(), 0
-    if resumed and iter_num >= cfg['max_iters'] and not cfg['eval_only']:
-        print(f"the checkpoint is at iter {iter_num}, max_iters is {cfg['max_iters']}: nothing to do (raise --max_iters)")
-    bar = tqdm(total=cfg['max_iters'], initial=min(iter_num, cfg['max_iters']), unit='it', dynamic_ncols=True,
+    if resumed and iter_num >= cfg.max_iters and not cfg.eval_only:
+        print(f"the checkpoint is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to do (raise --max_iters)")
+    bar = tqdm(total=cfg.max_iters, initial=min(iter_num, cfg.max_iters), unit='it', dynamic_ncols=True,
                mininterval=0.5)
     try:
         while True:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            if cfg['tapa_phase_warmup_iters'] > 0:  # a pure function of iter_num, so resume stays exact
-                raw_model.set_tapa_phase_ramp(min(1.0, (iter_num + 1) / cfg['tapa_phase_warmup_iters']))
-            at_end = iter_num >= cfg['max_iters']
+            if cfg.tapa_phase_warmup_iters > 0:  # a pure function of iter_num, so resume stays exact
+                raw_model.set_tapa_phase_ramp(min(1.0, (iter_num + 1) / cfg.tapa_phase_warmup_iters))
+            at_end = iter_num >= cfg.max_iters
 
             # evaluate; save when the val loss improved (or always_save_checkpoint), and at the end.
             # A resumed run skips the evaluation at its first iteration: it happened before the save.
-            if cfg['eval_only'] or ((iter_num % cfg['eval_interval'] == 0 or at_end)
+            if cfg.eval_only or ((iter_num % cfg.eval_interval == 0 or at_end)
                                     and not (resumed and iter_num == start_iter)):
                 losses = estimate_loss(model, paths, cfg, device, autocast)
                 tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
-                if cfg['eval_only']:
+                if cfg.eval_only:
                     break
                 if not math.isfinite(losses['validation']):
                     raise TrainError(f"the validation loss is {losses['validation']} at iter {iter_num}: training "
@@ -597,8 +378,9 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                      'val_loss': losses['validation'], 'lr': lr, 'elapsed_s': round(time.time() - t_start, 3)})
                 improved = losses['validation'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['validation'])
-                if iter_num > 0 and (improved or cfg['always_save_checkpoint'] or at_end):
-                    save_checkpoint(make_checkpoint(), out_dir)
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint or at_end):
+                    save_checkpoint(training_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss,
+                                                        batch_generator, device, time.time() - t_start), out_dir)
                     saved_iter = iter_num
                     tqdm.write(f"saved {ckpt_path}")
                 t_last, iters_since_log = time.time(), 0  # evaluation time doesn't count towards tokens/s
@@ -611,7 +393,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             # On a GPU the next batch is still prepared while the previous backward pass runs.
             loss_sum = 0.0
             for micro_step in range(gas):
-                X, Y = get_batch(paths['train'], cfg['batch_size'], cfg['block_size'], batch_generator, device)
+                X, Y = get_batch(paths['train'], cfg.batch_size, cfg.block_size, batch_generator, device)
                 with autocast:
                     _, loss = model(X, Y)
                 loss_sum = loss_sum + loss.detach()
@@ -622,16 +404,16 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             if not math.isfinite(loss_value):
                 raise TrainError(f"the loss is {loss_value} at iter {iter_num}: training diverged. Stopped before "
                                  f"applying this step and saved nothing; {last_good()}. Try a lower learning_rate "
-                                 f"(peak {cfg['learning_rate']:g}) or a longer warmup")
-            if cfg['grad_clip'] > 0:
+                                 f"(peak {cfg.learning_rate:g}) or a longer warmup")
+            if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)  # free the gradients' memory right away
 
             iters_since_log += 1
-            if iter_num % cfg['log_interval'] == 0:
+            if iter_num % cfg.log_interval == 0:
                 now = time.time()
                 tokens_per_s = tokens_per_iter * iters_since_log / max(now - t_last, 1e-9)
                 t_last, iters_since_log = now, 0
@@ -644,7 +426,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         # say what there is to continue from: saves come only with evaluations (when the val loss improved)
         if saved_iter is None:
             raise KeyboardInterrupt(f"interrupted at iter {iter_num}, before this run saved a checkpoint (it saves "
-                                    f"at evaluations, every eval_interval={cfg['eval_interval']} iters): nothing "
+                                    f"at evaluations, every eval_interval={cfg.eval_interval} iters): nothing "
                                     f"to continue from; run it again") from None
         raise KeyboardInterrupt(f"interrupted at iter {iter_num}: continue from the last checkpoint, {ckpt_path} "
                                 f"at iter {saved_iter}, with --init_from=resume (same --out_dir)") from None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import train
+import runtime
 from configurator import ConfigError, get_overrides
 from eval_ppl import resolve_ckpt_path
 from model import (alibi_bias, alibi_slopes, apply_rope, causal_mask, dot_product_attention, rope_cos_sin,
@@ -314,16 +314,16 @@ def load_checkpoint(path, device='cpu'):
     them. Read by train.py's own loader, which explains a missing, truncated or mismatched file;
     only the model is needed here, so a checkpoint without optimizer state is fine."""
     try:
-        dev = train.pick_device(device)
+        dev = runtime.pick_device(device)
         path = resolve_ckpt_path(path)
-        ckpt = train.load_checkpoint(path, required=('model', 'model_args'))
-    except (FileNotFoundError, ConfigError, train.TrainError) as e:
+        ckpt = runtime.load_checkpoint(path, required=('model', 'model_args'))
+    except (FileNotFoundError, ConfigError, runtime.TrainError) as e:
         raise SystemExit(str(e)) from None
     try:
         # attn_impl='auto': a checkpoint trained with the Triton kernel must still load on a CPU (we only
         # read q, k, v out of the model, and every implementation computes the same attention)
-        model = train.model_from_checkpoint(ckpt, attn_impl='auto')
-    except train.TrainError as e:
+        model = runtime.model_from_checkpoint(ckpt, attn_impl='auto')
+    except runtime.TrainError as e:
         raise SystemExit(f"{path}: {e}") from None
     return model.to(dev).eval(), ckpt
 

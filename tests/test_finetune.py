@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(REPO, 'experiments'))
 import eval_ppl  # noqa: E402
 import finetune_long  # noqa: E402
 import paper_in_miniature  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -80,12 +81,12 @@ def pretrained(tmp_path_factory, data_dir):
 
 
 def load(out_dir):
-    return train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    return runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
 
 
 def rope_angles(out_dir, T):
     """cos and sin (T, 8) of the model loaded from a checkpoint, as every script loads it."""
-    model = train.model_from_checkpoint(load(out_dir))
+    model = runtime.model_from_checkpoint(load(out_dir))
     return model.pe_tables(T, torch.device('cpu'))
 
 
@@ -197,8 +198,8 @@ def test_eval_ppl_applies_the_recorded_extension(tmp_path, pretrained, data_dir)
     assert entry['results']['64']['tokens'] == 64
     assert entry['results']['64']['loss'] == pytest.approx(loss_with(), rel=1e-5)
     assert abs(loss_with(rope_scaling=None) - loss_with()) > 1e-3  # so the match above is not trivial
-    # what sample.py and eval_passkey.py load (train.model_from_checkpoint, eval_ppl.load_models)
-    assert train.model_from_checkpoint(ckpt).config.rope_scaling == 'yarn'
+    # what sample.py and eval_passkey.py load (runtime.model_from_checkpoint, eval_ppl.load_models)
+    assert runtime.model_from_checkpoint(ckpt).config.rope_scaling == 'yarn'
     assert eval_ppl.load_models([os.path.join(out, 'ckpt.pt')], config, log=lambda *a: None)[0]['model'].config.rope_original_block_size == 16
 
 

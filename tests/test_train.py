@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import types
+from contextlib import nullcontext
 from dataclasses import fields
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import runtime  # noqa: E402
 import train  # noqa: E402
 from configurator import ConfigError, get_overrides  # noqa: E402
 from model import GPTConfig  # noqa: E402
@@ -115,10 +117,10 @@ def test_checkpoint_holds_the_contract(trained):
 
 def test_loading_ignores_torch_compile_prefix(trained):
     out_dir, _ = trained
-    ckpt = train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    plain = train.model_from_checkpoint(ckpt)
+    ckpt = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    plain = runtime.model_from_checkpoint(ckpt)
     ckpt['model'] = {'_orig_mod.' + k: v for k, v in ckpt['model'].items()}  # as a compiled model saves
-    compiled = train.model_from_checkpoint(ckpt)
+    compiled = runtime.model_from_checkpoint(ckpt)
     for (k, a), (_, b) in zip(plain.state_dict().items(), compiled.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -133,7 +135,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
     train.train({**settings, 'out_dir': whole, 'max_iters': 8})
     train.train({**settings, 'out_dir': parts, 'max_iters': 4})
-    assert train.load_checkpoint(os.path.join(parts, 'ckpt.pt'))['iter_num'] == 4
+    assert runtime.load_checkpoint(os.path.join(parts, 'ckpt.pt'))['iter_num'] == 4
     # a line an interrupted run wrote after the checkpoint must not survive the resume
     with open(os.path.join(parts, 'log.jsonl'), 'a') as f:
         f.write(json.dumps({'kind': 'train', 'iter': 4, 'loss': 123.0, 'lr': 0.0}) + '\n{"kind": "tr')
@@ -157,8 +159,8 @@ def test_eval_batches_are_fixed_and_draw_no_training_randomness(data_dir):
     model = train.GPT(GPTConfig(**{**{k: cfg[k] for k in train.MODEL_KEYS}, 'dropout': 0.5}, vocab_size=256))
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    first = train.estimate_loss(model, paths, cfg, torch.device('cpu'), train.nullcontext())
-    second = train.estimate_loss(model, paths, cfg, torch.device('cpu'), train.nullcontext())
+    first = train.estimate_loss(model, paths, cfg, torch.device('cpu'), nullcontext())
+    second = train.estimate_loss(model, paths, cfg, torch.device('cpu'), nullcontext())
     assert first == second
     assert torch.equal(torch.get_rng_state(), state)  # no dropout draws during evaluation
     assert model.training
@@ -202,7 +204,7 @@ def test_command_line_run_and_error(tmp_path, data_dir):
                         capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert 'parameters' in ok.stdout and 'tokens per iteration: 1 x 2 x 16 = 32' in ok.stdout
-    assert train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model_args']['pos_encoding'] == 'rope'
+    assert runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model_args']['pos_encoding'] == 'rope'
     bad = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), str(cfg_file), '--n_layers=3'],
                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert bad.returncode != 0
@@ -319,10 +321,10 @@ def test_every_config_file_loads_and_checks():
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
     missing = str(tmp_path / 'data' / 'pg19' / 'byte')
-    with pytest.raises(train.TrainError,
+    with pytest.raises(runtime.TrainError,
                        match=r"python data/pg19/prepare\.py --tokenizer byte --source \.\./shared/data/pg19_mini"):
         train.train({**TINY, 'dataset': 'pg19', 'data_dir': missing, 'out_dir': str(tmp_path / 'out')})
-    with pytest.raises(train.TrainError, match=r"unknown dataset 'nosuch'.*pg19.*pycode"):
+    with pytest.raises(runtime.TrainError, match=r"unknown dataset 'nosuch'.*pg19.*pycode"):
         train.train({**TINY, 'dataset': 'nosuch', 'out_dir': str(tmp_path / 'out')})
 
 
@@ -350,7 +352,7 @@ def test_unknown_positional_encoding(tmp_path):
 
 def test_block_size_larger_than_the_data(tmp_path):
     folder = make_data(tmp_path / 'small', n_train=5000, n_val=100)
-    with pytest.raises(train.TrainError, match=r"validation split .* has 100 tokens.*block_size\+1 = 129"):
+    with pytest.raises(runtime.TrainError, match=r"validation split .* has 100 tokens.*block_size\+1 = 129"):
         train.train({**TINY, 'data_dir': folder, 'block_size': 128, 'out_dir': str(tmp_path / 'out')})
     # exactly block_size + 1 tokens is enough for one window
     cfg, _ = train.resolve_config({**TINY, 'data_dir': folder, 'block_size': 99})
@@ -400,14 +402,14 @@ def test_range_checks_apply_only_where_a_setting_is_used():
 def test_unavailable_device_or_unknown_dtype_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
     with pytest.raises(ConfigError, match=r"device='cuda', but CUDA is not available here.*'cpu'"):
-        train.pick_device('cuda')
+        runtime.pick_device('cuda')
     with pytest.raises(ConfigError, match=r"device='cuda:1', but CUDA is not available"):
-        train.pick_device('cuda:1')
+        runtime.pick_device('cuda:1')
     with pytest.raises(ConfigError, match=r"device='gpu' is not a device name.*'cpu'"):
-        train.pick_device('gpu')
-    assert train.pick_device('cpu') == torch.device('cpu') and train.pick_device('auto').type != 'cuda'
+        runtime.pick_device('gpu')
+    assert runtime.pick_device('cpu') == torch.device('cpu') and runtime.pick_device('auto').type != 'cuda'
     with pytest.raises(ConfigError, match=r"dtype='fp32' is not one of \('auto', 'float32', 'bfloat16', 'float16'\)"):
-        train.pick_dtype('fp32', torch.device('cpu'))
+        runtime.pick_dtype('fp32', torch.device('cpu'))
 
 
 def test_sample_bad_device_dtype_or_prompt_file(trained, tmp_path, monkeypatch):
@@ -433,22 +435,22 @@ def test_sample_bad_device_dtype_or_prompt_file(trained, tmp_path, monkeypatch):
 def test_weights_that_do_not_match_model_args(tmp_path, trained, change, message):
     """A checkpoint whose model_args were edited (or written by another model.py) does not fit its
     weights: every loader says so, naming the first keys that differ, instead of load_state_dict's error."""
-    ckpt = train.load_checkpoint(os.path.join(trained[0], 'ckpt.pt'))
+    ckpt = runtime.load_checkpoint(os.path.join(trained[0], 'ckpt.pt'))
     ckpt['model_args'] = {**ckpt['model_args'], **change}
-    with pytest.raises(train.TrainError, match=r"weights do not match its model_args.*" + message):
-        train.model_from_checkpoint(ckpt)
+    with pytest.raises(runtime.TrainError, match=r"weights do not match its model_args.*" + message):
+        runtime.model_from_checkpoint(ckpt)
     out_dir = str(tmp_path / 'out')
     os.makedirs(out_dir)
     torch.save(ckpt, os.path.join(out_dir, 'ckpt.pt'))
-    with pytest.raises(train.TrainError, match=r"weights do not match its model_args.*" + message):
+    with pytest.raises(runtime.TrainError, match=r"weights do not match its model_args.*" + message):
         train.train({'init_from': 'resume', 'out_dir': out_dir, 'max_iters': 31})
 
 
 def test_model_args_from_another_version(trained):
-    ckpt = train.load_checkpoint(os.path.join(trained[0], 'ckpt.pt'))
+    ckpt = runtime.load_checkpoint(os.path.join(trained[0], 'ckpt.pt'))
     ckpt['model_args'] = {**ckpt['model_args'], 'qk_norm': True}  # a field this model.py does not have
-    with pytest.raises(train.TrainError, match=r"model_args has fields \['qk_norm'\].*another version"):
-        train.model_from_checkpoint(ckpt)
+    with pytest.raises(runtime.TrainError, match=r"model_args has fields \['qk_norm'\].*another version"):
+        runtime.model_from_checkpoint(ckpt)
 
 
 def test_help_prints_usage_and_settings(trained, capsys):
@@ -467,7 +469,7 @@ def test_help_prints_usage_and_settings(trained, capsys):
 
 
 def test_resume_without_checkpoint(tmp_path):
-    with pytest.raises(train.TrainError, match=r"no checkpoint at .*ckpt\.pt"):
+    with pytest.raises(runtime.TrainError, match=r"no checkpoint at .*ckpt\.pt"):
         train.train({'init_from': 'resume', 'out_dir': str(tmp_path / 'empty')})
 
 
@@ -480,7 +482,7 @@ def test_corrupt_checkpoint(tmp_path, trained, damage):
         raw = f.read()
     with open(path, 'wb') as f:
         f.write(raw[:len(raw) // 2] if damage == 'truncate' else b'not a checkpoint' * 100)
-    with pytest.raises(train.TrainError, match=r"cannot read the checkpoint .*ckpt\.pt.*--init_from=scratch"):
+    with pytest.raises(runtime.TrainError, match=r"cannot read the checkpoint .*ckpt\.pt.*--init_from=scratch"):
         train.train({'init_from': 'resume', 'out_dir': out_dir})
 
 
@@ -488,11 +490,11 @@ def test_checkpoint_missing_keys_or_other_version(tmp_path, trained):
     ckpt = torch.load(os.path.join(trained[0], 'ckpt.pt'), weights_only=True)
     path = str(tmp_path / 'ckpt.pt')
     torch.save({k: v for k, v in ckpt.items() if k != 'optimizer'}, path)
-    with pytest.raises(train.TrainError, match="lacks optimizer"):
-        train.load_checkpoint(path)
+    with pytest.raises(runtime.TrainError, match="lacks optimizer"):
+        runtime.load_checkpoint(path)
     torch.save({**ckpt, 'format_version': 99}, path)
-    with pytest.raises(train.TrainError, match="format version 99"):
-        train.load_checkpoint(path)
+    with pytest.raises(runtime.TrainError, match="format version 99"):
+        runtime.load_checkpoint(path)
 
 
 def test_resume_refuses_conflicting_architecture(trained):
@@ -530,7 +532,7 @@ def test_interrupt_says_what_there_is_to_continue_from(tmp_path, data_dir, train
     interrupt_at(12)  # resumed from 5, saved again at 10
     with pytest.raises(KeyboardInterrupt, match=r'at iter 10, with --init_from=resume'):
         train.train({'init_from': 'resume', 'out_dir': out_dir})
-    assert train.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['iter_num'] == 10
+    assert runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['iter_num'] == 10
 
 
 @pytest.mark.parametrize('caught_by', ['training loss', 'validation loss'])
@@ -549,7 +551,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained, ca
     else:
         settings.update(eval_interval=1, always_save_checkpoint=True)
         message = r"the validation loss is (nan|inf) at iter 31"
-    with pytest.raises(train.TrainError, match=message + r".*ckpt\.pt \(iter 30\) is the last good"):
+    with pytest.raises(runtime.TrainError, match=message + r".*ckpt\.pt \(iter 30\) is the last good"):
         train.train(settings)
     assert sha256(path) == before
     assert not any(r['iter'] >= 31 for r in read_log(out_dir))
@@ -570,9 +572,9 @@ def test_auto_dtype_and_compile_follow_the_gpu(monkeypatch, capability, triton, 
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
     monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: triton)
     gpu = torch.device('cuda')
-    assert train.pick_dtype('auto', gpu) == dtype
-    assert train.compiles_on(gpu) is compiles
-    assert train.pick_dtype('auto', torch.device('cpu')) == 'float32' and not train.compiles_on(torch.device('cpu'))
+    assert runtime.pick_dtype('auto', gpu) == dtype
+    assert runtime.compiles_on(gpu) is compiles
+    assert runtime.pick_dtype('auto', torch.device('cpu')) == 'float32' and not runtime.compiles_on(torch.device('cpu'))
     import eval_ppl
     assert eval_ppl.autocast_for(gpu).fast_dtype == getattr(torch, dtype)
 
@@ -589,13 +591,13 @@ def test_rng_state_is_the_training_gpus_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: pytest.fail('all GPUs touched'))
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: pytest.fail('all GPUs touched'))
     gen, gpu1 = torch.Generator(), torch.device('cuda', 1)
-    states = train.rng_states(gen, gpu1)
-    train.set_rng_states(states, gen, gpu1)
+    states = runtime.rng_states(gen, gpu1)
+    runtime.set_rng_states(states, gen, gpu1)
     old = dict(states, cuda=[torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)])
-    train.set_rng_states(old, gen, torch.device('cuda', 0))
-    train.set_rng_states(states, gen, torch.device('cpu'))  # resumed on a CPU: nothing to restore there
+    runtime.set_rng_states(old, gen, torch.device('cuda', 0))
+    runtime.set_rng_states(states, gen, torch.device('cpu'))  # resumed on a CPU: nothing to restore there
     assert calls == [('get', 'cuda:1'), ('set', [1, 2], 'cuda:1'), ('set', [7], 'cuda:0')]
-    assert train.rng_states(gen, torch.device('cpu'))['cuda'] is None
+    assert runtime.rng_states(gen, torch.device('cpu'))['cuda'] is None
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.script_method` is deprecated')  # from inside torch.compile
@@ -613,3 +615,14 @@ def test_compiled_training_matches_eager(tmp_path, data_dir, pe, impl):
         losses[compile_] = [r['loss'] for r in read_log(out_dir) if 'loss' in r]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4), losses
+
+
+def test_a_schedule_longer_than_the_run_is_pointed_out(tmp_path, data_dir, capsys):
+    """max_iters below lr_decay_iters: the run ends at a high learning rate, which a short README-style
+    run does not mean to do; one line says so and how to fit the schedule (and nothing when it fits)."""
+    settings = {**TINY, 'data_dir': data_dir, 'max_iters': 4, 'eval_interval': 4, 'warmup_iters': 1}
+    train.train({**settings, 'out_dir': str(tmp_path / 'a')})
+    assert 'note: max_iters=4 ends before the learning rate has decayed (lr_decay_iters=30); pass ' \
+           '--lr_decay_iters=4' in capsys.readouterr().out
+    train.train({**settings, 'out_dir': str(tmp_path / 'b'), 'lr_decay_iters': 4})
+    assert 'lr_decay_iters' not in capsys.readouterr().out

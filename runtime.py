@@ -1,0 +1,262 @@
+"""
+What train.py, finetune_long.py, sample.py, eval_ppl.py and eval_passkey.py share, so that each
+policy exists once: which device and precision a run uses, and how checkpoints are written, checked
+and read back (everything needed to continue a run as if it had never stopped).
+"""
+
+import json
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+from configurator import ConfigError
+from model import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num',
+                   'best_val_loss', 'rng', 'format_version')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+
+
+class TrainError(RuntimeError):
+    """A problem with the data, a checkpoint or the run itself; the message says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+def mps_available():
+    return getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+
+
+def available_devices():
+    """The devices this machine has, for error messages: e.g. "'cpu', 'cuda' (= 'cuda:0'), 'cuda:1'"."""
+    names = ["'cpu'"]
+    if torch.cuda.is_available():
+        names += ["'cuda' (= 'cuda:0')"] + [f"'cuda:{i}'" for i in range(1, torch.cuda.device_count())]
+    if mps_available():
+        names.append("'mps'")
+    return ', '.join(names)
+
+
+def pick_device(name):
+    """'auto' = the best device present; any other name must be a device this machine has (torch
+    itself would only fail at the first tensor moved there, with an assertion about how it was built)."""
+    if name != 'auto':
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"device={name!r} is not a device name; this machine has: {available_devices()} "
+                              f"(or 'auto' for the best of them)") from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}, but CUDA is not available here (no NVIDIA GPU, or a torch "
+                              f"built without CUDA). This machine has: {available_devices()}; or use 'auto'")
+        if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                              f"{available_devices()}")
+        if device.type == 'mps' and not mps_available():
+            raise ConfigError(f"device={name!r}, but MPS (Apple GPUs) is not available here. This machine has: "
+                              f"{available_devices()}; or use 'auto'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if mps_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def has_native_bfloat16(device):
+    """bfloat16 in the tensor cores: NVIDIA compute capability 8.0 (Ampere) and newer. (Not
+    torch.cuda.is_bf16_supported(), which also says yes where bfloat16 is only emulated, e.g. on an
+    RTX 20xx or a T4: slow, and without SDPA's fused kernels. It asks about the current GPU, too.)"""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def compiles_on(device):
+    """What compile='auto' decides: on CUDA GPUs, where torch.compile's default backend generates
+    Triton kernels, so only if Triton is there (PyTorch's Windows wheels ship none) and the GPU is one
+    Triton supports (compute capability 7.0+; not a GTX 10xx). Elsewhere the gain is small."""
+    if device.type != 'cuda':
+        return False
+    try:
+        from torch.utils._triton import has_triton  # torch's own test (a private helper)
+    except ImportError:
+        import importlib.util
+
+        def has_triton():
+            return importlib.util.find_spec('triton') is not None
+    return has_triton() and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def pick_dtype(name, device, training=True):
+    """bfloat16 where the GPU has it (same range as float32: no loss scaling needed), else float16
+    with a GradScaler on CUDA; float32 on CPU and MPS, where mixed precision rarely pays off."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not one of {DTYPES}")
+    if name == 'auto':
+        if device.type == 'cuda':
+            return 'bfloat16' if has_native_bfloat16(device) else 'float16'
+        return 'float32'
+    if name == 'float16' and device.type != 'cuda' and training:
+        raise ConfigError("dtype='float16' needs loss scaling, which this script does on CUDA only; "
+                          "use 'bfloat16' or 'float32'")
+    return name
+
+
+def autocast_for(device, name='auto', training=False):
+    """The autocast context of the dtype setting `name` ('auto': pick_dtype's choice) on `device`: the
+    weights stay float32 and the matmuls run in bfloat16 or float16; float32 needs none."""
+    name = pick_dtype(name, device, training)
+    if name == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, name))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_states(batch_generator, device):
+    """Every random stream: python and numpy (unused by this loop, saved for scripts that do),
+    torch's (dropout on the CPU), the training GPU's (dropout there; only that GPU's: the others may
+    be absent, or others, when the run resumes), and the generator that picks the training batches."""
+    np_state = np.random.get_state()
+    return {'python': random.getstate(),
+            # the numpy array as a list keeps the checkpoint loadable with torch.load(weights_only=True)
+            'numpy': (np_state[0], np_state[1].tolist()) + tuple(np_state[2:]),
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
+            'batches': batch_generator.get_state()}
+
+
+def set_rng_states(states, batch_generator, device):
+    random.setstate(states['python'])
+    np.random.set_state((states['numpy'][0], np.array(states['numpy'][1], dtype=np.uint32)) + tuple(states['numpy'][2:]))
+    torch.set_rng_state(states['torch'])
+    cuda = states['cuda']
+    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every visible GPU's: take the first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == 'cuda':
+        torch.cuda.set_rng_state(cuda, device)
+    batch_generator.set_state(states['batches'])
+
+
+def save_checkpoint(checkpoint, out_dir):
+    """Write to a temporary file, then rename: an interruption mid-write leaves the old ckpt.pt intact."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)  # atomic
+    return path
+
+
+def load_checkpoint(path, required=CHECKPOINT_KEYS):
+    """Read and check a ckpt.pt written by this script (onto the CPU). required: the entries it must
+    have (a script that only needs the model may ask for less than resuming does)."""
+    if not os.path.exists(path):
+        raise TrainError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
+                         f"or point --out_dir at the folder that holds ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [''])[0][:200]
+        raise TrainError(f"cannot read the checkpoint {path} ({type(e).__name__}: {first_line}); it is "
+                         f"truncated or corrupt (an interrupted copy?). Delete it, or start over with "
+                         f"--init_from=scratch") from e
+    if not isinstance(checkpoint, dict):
+        raise TrainError(f"{path} is not a checkpoint of this code (it holds a {type(checkpoint).__name__})")
+    if 'format_version' in checkpoint and checkpoint['format_version'] != FORMAT_VERSION:
+        raise TrainError(f"{path} has checkpoint format version {checkpoint['format_version']}, "
+                         f"this code reads version {FORMAT_VERSION}")
+    missing = [k for k in required if k not in checkpoint]
+    if missing:
+        raise TrainError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by this train.py")
+    return checkpoint
+
+
+def strip_compile_prefix(state_dict):
+    """A torch.compile'd model names every weight '_orig_mod.<name>'; loading must not care."""
+    prefix = '_orig_mod.'
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def load_weights(model, checkpoint):
+    """Load a checkpoint's weights into a model built from its model_args. They fit unless the
+    checkpoint was edited or written by another version of model.py (a renamed layer, say): then
+    say so, rather than end in load_state_dict's wall of key names."""
+    state = strip_compile_prefix(checkpoint['model'])
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [f"{k} {tuple(state[k].shape)} (the model's is {tuple(v.shape)})" for k, v in expected.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        def first(names):
+            return ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
+        details = [f"{what}: {first(names)}" for what, names in
+                   (('missing', missing), ('unexpected', unexpected), ('of another shape', resized)) if names]
+        raise TrainError(f"the checkpoint's weights do not match its model_args "
+                         f"(pos_encoding={model.config.pos_encoding!r}, n_layer={model.config.n_layer}, ...): "
+                         f"{'; '.join(details)}. Was it saved by another version of model.py, or its "
+                         f"model_args edited?")
+    model.load_state_dict(state)
+    return model
+
+
+def model_from_checkpoint(checkpoint, **config_overrides):
+    """The GPT of a checkpoint, on the CPU; config_overrides change e.g. attn_impl."""
+    args = {**checkpoint['model_args'], **config_overrides}
+    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise TrainError(f"the checkpoint's model_args has fields {unknown} that this model.py's GPTConfig "
+                         f"lacks: it was saved by another version of the code")
+    return load_weights(GPT(GPTConfig(**args)), checkpoint)
+
+
+def trim_log(log_path, iter_num):
+    """Keep the log lines from before the checkpoint at iter_num: an interrupted run may have logged
+    further, and the resumed run will log those iterations again."""
+    if not os.path.exists(log_path):
+        return
+    keep = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if rec['iter'] < iter_num or (rec['iter'] == iter_num and rec['kind'] == 'eval'):
+                keep.append(line if line.endswith('\n') else line + '\n')
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(log_path + '.tmp', log_path)
+
+
+def training_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, batch_generator, device, elapsed_s):
+    """What ckpt.pt holds: enough to continue the run as if it had never stopped (restore_training)."""
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+            'model_args': asdict(model.config), 'config': dict(cfg), 'iter_num': iter_num,
+            'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator, device),
+            'elapsed_s': elapsed_s, 'format_version': FORMAT_VERSION}
+
+
+def restore_training(checkpoint, model, optimizer, scaler, batch_generator, device, cfg):
+    """Put a run back as training_checkpoint saved it; returns (iter_num, best_val_loss, elapsed_s).
+    The betas and weight decay are this run's (a resume may change them); the random streams come
+    last, after the model was built (its initialization drew random numbers)."""
+    load_weights(model, checkpoint)
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    for group in optimizer.param_groups:  # the saved betas would otherwise win over this run's
+        group['betas'] = (cfg.beta1, cfg.beta2)
+    optimizer.param_groups[0]['weight_decay'] = cfg.weight_decay  # group 0: the matrices
+    if checkpoint['scaler'] is not None and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint['scaler'])
+    set_rng_states(checkpoint['rng'], batch_generator, device)
+    return checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('elapsed_s', 0.0)

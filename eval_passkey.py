@@ -51,7 +51,7 @@ import fast_attention
 from eval_ppl import (autocast_for, dyadic_lengths, load_models, make_labels, parse_config, parse_lengths,
                       pick_device, resolve_ckpt_path, train_data_dir)
 from tokenizer import get_tokenizer
-from runtime import TrainError
+from runtime import TrainError, check_writable
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by a config file and/or --key=value on the command line
@@ -384,10 +384,13 @@ def evaluate(config, log=print):
 def main(argv):
     try:
         config = parse_config(argv, default_config(), __doc__)
+        first = ([p.strip() for p in str(config['ckpt']).split(',') if p.strip()] or [None])[0]
+        prefix = config['out'] or (first and os.path.join(os.path.dirname(resolve_ckpt_path(first)), 'passkey'))
+        if prefix:
+            check_writable(prefix)  # before the evaluation, not after it
         results = evaluate(config)
     except (ValueError, FileNotFoundError, TrainError) as e:  # bad settings, data or checkpoints
         sys.exit(f"error: {e}")
-    prefix = config['out'] or os.path.join(os.path.dirname(results['models'][0]['ckpt']), 'passkey')
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     tables = markdown_tables(results)
     print()

@@ -57,7 +57,7 @@ import fast_attention
 from configurator import get_overrides
 from finetune_long import change_context
 from model import GPTConfig
-from runtime import TrainError, autocast_for, load_checkpoint, model_from_checkpoint, pick_device
+from runtime import TrainError, autocast_for, check_writable, load_checkpoint, model_from_checkpoint, pick_device
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -541,10 +541,13 @@ def evaluate(config, log=print):
 def main(argv):
     try:
         config = parse_config(argv, default_config(), __doc__)
+        first = ([p.strip() for p in str(config['ckpt']).split(',') if p.strip()] or [None])[0]
+        prefix = config['out'] or (first and os.path.join(os.path.dirname(resolve_ckpt_path(first)), 'ppl'))
+        if prefix:
+            check_writable(prefix)  # before the evaluation, not after it
         results = evaluate(config)
     except (ValueError, FileNotFoundError, TrainError) as e:  # bad settings, data or checkpoints
         sys.exit(f"error: {e}")
-    prefix = config['out'] or os.path.join(os.path.dirname(results['models'][0]['ckpt']), 'ppl')
     table = markdown_table(results)
     print()
     print(table)

@@ -7,7 +7,9 @@ and read back (everything needed to continue a run as if it had never stopped).
 import json
 import os
 import random
-from contextlib import nullcontext
+import socket
+import zipfile
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -145,15 +147,59 @@ def set_rng_states(states, batch_generator, device):
     batch_generator.set_state(states['batches'])
 
 
+@contextmanager
+def os_errors(operation, path):
+    """An OS error on a path the user gave (a full disk, a read-only folder, a file where a folder
+    should be) as one line that names the path and what was being done, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainError(f"cannot {operation} {path}: {e.strerror or e}") from None
+
+
+def check_writable(prefix):
+    """Fail now, not after an hour of evaluation, if the outputs prefix.* cannot be written."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    with os_errors('write the outputs to', folder):
+        os.makedirs(folder, exist_ok=True)
+        with open(prefix + '.write-test', 'w'):
+            pass
+        os.remove(prefix + '.write-test')
+
+
 def save_checkpoint(checkpoint, out_dir):
-    """Write to a temporary file, then rename: an interruption mid-write leaves the old ckpt.pt intact."""
+    """Write to a temporary file, then rename: an interruption mid-write leaves the old ckpt.pt intact,
+    and so does a failed write (a full disk), whose partial file is removed."""
     path = os.path.join(out_dir, 'ckpt.pt')
-    with open(path + '.tmp', 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)  # atomic
+    try:
+        with open(path + '.tmp', 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)  # atomic
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError ("unexpected pos")
+        with suppress(OSError):
+            os.remove(path + '.tmp')
+        reason = getattr(e, 'strerror', None) or (str(e).strip().splitlines() or [''])[0][:120]
+        raise TrainError(f"cannot write the checkpoint {path} ({reason}; is the disk full?). The previous "
+                         f"ckpt.pt, if any, is intact") from None
     return path
+
+
+def verify_archive(path):
+    """torch.save writes a zip archive that holds a CRC-32 of every record, which torch.load never
+    checks: a flipped bit in the weights would load silently. zipfile checks every CRC (reading the
+    whole file once, ~1 s for a GPT-2-small checkpoint with its optimizer state; experiments/
+    checkpoint_check_cost.py measures it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return  # not a zip archive at all (truncated, or another file): torch.load says so below
+    if damaged is not None:
+        raise TrainError(f"the checkpoint {path} is damaged: its record {damaged} fails its checksum (a disk or "
+                         f"copy error). Nothing was read from it; restore it from a copy, or start over with "
+                         f"--init_from=scratch")
 
 
 def load_checkpoint(path, required=CHECKPOINT_KEYS):
@@ -162,6 +208,8 @@ def load_checkpoint(path, required=CHECKPOINT_KEYS):
     if not os.path.exists(path):
         raise TrainError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
                          f"or point --out_dir at the folder that holds ckpt.pt")
+    with os_errors('read the checkpoint', path):
+        verify_archive(path)
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -233,9 +281,10 @@ def trim_log(log_path, iter_num):
                 continue  # a line cut short by the interruption
             if rec['iter'] < iter_num or (rec['iter'] == iter_num and rec['kind'] == 'eval'):
                 keep.append(line if line.endswith('\n') else line + '\n')
-    with open(log_path + '.tmp', 'w') as f:
-        f.writelines(keep)
-    os.replace(log_path + '.tmp', log_path)
+    with os_errors('rewrite', log_path):
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(log_path + '.tmp', log_path)
 
 
 def training_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, batch_generator, device, elapsed_s):
@@ -260,3 +309,46 @@ def restore_training(checkpoint, model, optimizer, scaler, batch_generator, devi
         scaler.load_state_dict(checkpoint['scaler'])
     set_rng_states(checkpoint['rng'], batch_generator, device)
     return checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('elapsed_s', 0.0)
+
+
+# -----------------------------------------------------------------------------
+# one run per out_dir
+
+def lock_out_dir(out_dir):
+    """Make out_dir this process's: a second run into it (two runs would interleave their logs and
+    race for ckpt.pt) fails at once, naming the holder. An flock on out_dir/.lock, which the kernel
+    releases when the process ends however it ends (kill -9 too), so no stale lock is ever left.
+    Returns the open lock file: keep it for as long as the run writes into out_dir."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs there are not protected from each other
+        return None
+    path = os.path.join(out_dir, '.lock')
+    with os_errors('create the lock file', path):
+        f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise TrainError(f"{out_dir} is in use by another run ({holder}): wait for it to finish, or pass "
+                         f"another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+def set_aside_previous_run(out_dir):
+    """A new run into an out_dir that holds one keeps it, one generation deep: log.jsonl and ckpt.pt
+    become log.jsonl.prev and ckpt.pt.prev (replacing older .prev files). Returns what moved."""
+    moved = []
+    for name in ('ckpt.pt', 'log.jsonl'):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with os_errors('move aside', path):
+                os.replace(path, path + '.prev')
+            moved.append(name)
+    return moved

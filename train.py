@@ -32,8 +32,9 @@ from tqdm import tqdm
 import fast_attention
 from configurator import ConfigError, Settings, allowed_types, check_value, get_overrides, unknown_key_error
 from model import GPT, GPTConfig, check_config
-from runtime import (DTYPES, TrainError, autocast_for, compiles_on, load_checkpoint, pick_device, pick_dtype,
-                     restore_training, save_checkpoint, training_checkpoint, trim_log)
+from runtime import (DTYPES, TrainError, autocast_for, compiles_on, load_checkpoint, lock_out_dir, os_errors,
+                     pick_device, pick_dtype, restore_training, save_checkpoint, set_aside_previous_run,
+                     training_checkpoint, trim_log)
 from tokenizer import TOKENIZERS
 
 # -----------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def find_data(cfg):
     from data.common import load_split, read_meta
     data_dir = cfg.data_dir or os.path.join(REPO_ROOT, 'data', cfg.dataset, cfg.tokenizer)
     if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        if cfg.dataset == 'pycode':  # the small built-in dataset: no reason to make anyone ask for it
+        if cfg.dataset == 'pycode' and not cfg.data_dir:  # built in: prepared on first use, in its own folder
             print(f"no prepared data in {data_dir}: preparing the pycode dataset "
                   f"({cfg.tokenizer} tokenizer) now, on first use")
             from data.pycode.prepare import prepare
@@ -304,19 +305,11 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate,
                                      (cfg.beta1, cfg.beta2), device.type)
     iter_num, best_val_loss, elapsed_before = 0, float('inf'), 0.0
-    os.makedirs(out_dir, exist_ok=True)
     if checkpoint is not None:  # everything back as it was saved, random streams included (runtime.py)
         iter_num, best_val_loss, elapsed_before = restore_training(checkpoint, model, optimizer, scaler,
                                                                    batch_generator, device, cfg)
-        if not cfg.eval_only:
-            trim_log(log_path, iter_num)
         print(f"resuming from {ckpt_path} at iter {iter_num} (settings not given come from the checkpoint)")
         checkpoint = None  # free the memory
-    elif not cfg.eval_only:
-        if os.path.exists(ckpt_path):
-            print(f"note: {ckpt_path} exists and will be overwritten at the first save "
-                  f"(--init_from=resume continues it instead)")
-        open(log_path, 'w').close()  # a new run, a new log
     use_compile = compiles_on(device) if cfg.compile == 'auto' else cfg.compile
     raw_model = model  # the plain module: its state_dict has no '_orig_mod.' prefixes
     if use_compile:
@@ -335,7 +328,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     print(fast_attention.describe(raw_model, device, getattr(torch, dtype)))  # which implementation the attention runs
 
     def log(record):
-        with open(log_path, 'a') as f:
+        with os_errors('append to', log_path), open(log_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
     start_iter, resumed = iter_num, cfg.init_from == 'resume'
@@ -351,9 +344,19 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     t_last, iters_since_log = time.time(), 0
     if resumed and iter_num >= cfg.max_iters and not cfg.eval_only:
         print(f"the checkpoint is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to do (raise --max_iters)")
+    with os_errors('create the folder', out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    lock = None if cfg.eval_only else lock_out_dir(out_dir)  # one run per out_dir, released on any exit
     bar = tqdm(total=cfg.max_iters, initial=min(iter_num, cfg.max_iters), unit='it', dynamic_ncols=True,
                mininterval=0.5)
     try:
+        if resumed and not cfg.eval_only:
+            trim_log(log_path, iter_num)  # an interrupted run may have logged past its checkpoint
+        elif not cfg.eval_only:  # a new run: an earlier one here is kept as *.prev, not emptied or overwritten
+            moved = set_aside_previous_run(out_dir)
+            if moved:
+                print(f"note: {out_dir} held a run, kept as {' and '.join(m + '.prev' for m in moved)} "
+                      f"(--init_from=resume continues a run instead)")
         while True:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
@@ -432,6 +435,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                                 f"at iter {saved_iter}, with --init_from=resume (same --out_dir)") from None
     finally:
         bar.close()
+        if lock is not None:
+            lock.close()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'val_loss': losses.get('validation'),
             'model': raw_model}
 

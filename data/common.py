@@ -126,13 +126,39 @@ def write_meta(out_dir, meta):
     os.replace(path + '.tmp', path)
 
 
-def prepare_splits(out_dir, dataset, tokenizer_name, split_paths, source, num_proc=None, quiet=False):
+def check_ours(out_dir, dataset):
+    """Refuse to write into a folder whose token files a prepare step of this dataset did not write:
+    they are someone's data (a --out_dir or --data_dir pointed at the wrong folder). Ours are vouched
+    for by meta.json, or, after an interrupted prepare, by the .prepare note written before any file."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = sorted(n for n in names if n.endswith(('.bin', '.docs.npy')))
+    owners = []
+    for name in ('meta.json', '.prepare'):
+        try:
+            with open(os.path.join(out_dir, name)) as f:
+                owners.append(json.load(f).get('dataset'))
+        except (OSError, ValueError, AttributeError):
+            pass
+    if found and dataset not in owners:
+        whose = f"they belong to {owners[0]!r}" if owners else "no meta.json of a prepare step vouches for them"
+        raise ValueError(f"{out_dir} holds token files ({', '.join(found[:3])}) that preparing {dataset} did not write "
+                         f"({whose}): refusing to overwrite them. Choose another --out_dir, or pass --overwrite "
+                         f"to replace them")
+
+
+def prepare_splits(out_dir, dataset, tokenizer_name, split_paths, source, num_proc=None, quiet=False,
+                   overwrite=False):
     """Tokenize every split of a dataset into out_dir and write meta.json last.
-    split_paths: {split name: list of text file paths, one document each}, in the wanted order."""
+    split_paths: {split name: list of text file paths, one document each}, in the wanted order.
+    Token files there that this dataset's prepare did not write are an error (check_ours) unless overwrite."""
     from tokenizer import get_tokenizer
     tok = get_tokenizer(tokenizer_name)  # fail early (e.g. tiktoken offline) before any work
     assert tok.vocab_size <= np.iinfo(DTYPE).max + 1, "tokens must fit in uint16"
+    if not overwrite:
+        check_ours(out_dir, dataset)
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, '.prepare'), 'w') as f:  # ours from now on, even if interrupted
+        json.dump({'dataset': dataset, 'tokenizer': tok.name}, f)
     # an older meta.json would vouch for files we are about to overwrite: remove it first (keeping
     # what it says of the splits not prepared now, e.g. `--splits validation`: see below)
     old_meta = None
@@ -163,6 +189,7 @@ def prepare_splits(out_dir, dataset, tokenizer_name, split_paths, source, num_pr
         'source': source,
     }
     write_meta(out_dir, meta)
+    os.remove(os.path.join(out_dir, '.prepare'))  # meta.json vouches for the folder from now on
     if not quiet:
         for split, s in splits.items():
             print(f"{split}: {s['docs']:,} docs, {s['tokens']:,} tokens")
@@ -208,10 +235,18 @@ def read_meta(data_dir):
             f"none either). Prepare it first:\n    {prepare_command(data_dir)}")
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the folder is damaged. Prepare it again:\n"
                          f"    {prepare_command(data_dir)}") from None
+    fields = {'tokenizer': str, 'vocab_size': int, 'eot_token': int, 'splits': dict}
+    wrong = [k for k, t in fields.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
+    wrong += [f"splits.{s}" for s, e in (meta.get('splits') or {}).items() if not isinstance(e, dict)
+              or not all(isinstance(e.get(k), int) for k in ('tokens', 'docs'))] if not wrong else []
+    if wrong:
+        raise ValueError(f"{path} is not the meta.json a prepare step writes ({', '.join(wrong)} missing or of "
+                         f"the wrong type): the folder is damaged. Prepare it again:\n    {prepare_command(data_dir)}")
+    return meta
 
 
 def load_split(data_dir, split):
@@ -250,4 +285,10 @@ def load_split(data_dir, split):
     # every document ends with EOT (reads one token per document, cheap even for big splits)
     if not np.all(tokens[offsets[1:] - 1] == meta['eot_token']):
         raise broken("some document does not end with the EOT token")
+    # every token within the vocabulary, or the model's embedding lookup fails mid-run (one read of
+    # the file, in chunks: about a second per GB)
+    top = max(int(tokens[i:i + 2**24].max()) for i in range(0, n_tokens, 2**24))
+    if top >= meta['vocab_size']:
+        raise broken(f"{bin_path} holds token {top}, outside the vocabulary of {meta['vocab_size']} that meta.json "
+                     f"declares")
     return tokens, offsets

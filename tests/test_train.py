@@ -336,8 +336,10 @@ def test_pycode_is_prepared_on_first_use(tmp_path, monkeypatch, capsys):
         make_data(out_dir)
         return out_dir
     monkeypatch.setitem(sys.modules, 'data.pycode.prepare', types.SimpleNamespace(prepare=fake_prepare))
-    folder = str(tmp_path / 'pycode' / 'byte')
-    cfg, _ = train.resolve_config({**TINY, 'dataset': 'pycode', 'data_dir': folder})
+    # in its own folder, data/pycode/<tokenizer> (a --data_dir without data is an error instead: test_reliability)
+    monkeypatch.setattr(train, 'REPO_ROOT', str(tmp_path))
+    folder = str(tmp_path / 'data' / 'pycode' / 'byte')
+    cfg, _ = train.resolve_config({**TINY, 'dataset': 'pycode'})
     data_dir, meta, paths, lengths = train.find_data(cfg)
     assert calls == [('byte', folder)] and data_dir == folder
     assert 'preparing the pycode dataset' in capsys.readouterr().out

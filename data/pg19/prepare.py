@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from data.common import default_num_proc, prepare_splits  # noqa: E402
+from data.common import check_ours, default_num_proc, prepare_splits  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE_URL = 'https://storage.googleapis.com/deepmind-gutenberg/'
@@ -285,6 +285,8 @@ def main(argv=None):
     parser.add_argument('--download_workers', type=int, default=8,
                         help='parallel downloads')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.add_argument('--overwrite', action='store_true', help='replace token files in out_dir that were not '
+                        'prepared from PG-19')
     args = parser.parse_args(argv)
     if args.num_books is not None and args.num_books < 1:
         parser.error('--num_books must be at least 1')
@@ -292,6 +294,11 @@ def main(argv=None):
     if not args.base_url.endswith('/'):
         args.base_url += '/'
 
+    if not args.overwrite:
+        try:  # before any download: someone's token files in out_dir end the run at once
+            check_ours(out_dir, 'pg19')
+        except ValueError as e:
+            parser.error(str(e))
     t0 = time.time()
     if args.source:
         try:
@@ -308,7 +315,7 @@ def main(argv=None):
     books = 'all books' if args.num_books is None else f'first {args.num_books} books by id'
     meta = prepare_splits(out_dir, 'pg19', args.tokenizer, split_paths,
                           source=f"PG-19 from {where} ({books} per split)",
-                          num_proc=args.num_proc, quiet=args.quiet)
+                          num_proc=args.num_proc, quiet=args.quiet, overwrite=args.overwrite)
     if not args.quiet:
         print(f"took {time.time() - t0:.1f}s ({t1 - t0:.1f}s finding/downloading books)")
     return meta

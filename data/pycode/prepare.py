@@ -72,7 +72,7 @@ def stdlib_files(stdlib=None):
     return sorted(rels)
 
 
-def prepare(tokenizer='byte', out_dir=None, num_proc=None, quiet=False):
+def prepare(tokenizer='byte', out_dir=None, num_proc=None, quiet=False, overwrite=False):
     """Tokenize the stdlib into out_dir (default data/pycode/<tokenizer>). Returns out_dir."""
     out_dir = out_dir or os.path.join(HERE, tokenizer)
     stdlib = sysconfig.get_paths()['stdlib']
@@ -81,7 +81,7 @@ def prepare(tokenizer='byte', out_dir=None, num_proc=None, quiet=False):
         split_paths[split_of(rel)].append(os.path.join(stdlib, *rel.split('/')))
     source = (f"Python {platform.python_version()} standard library .py files at {stdlib} "
               f"(tests and site-packages excluded; {VALIDATION_PERCENT}% validation by sha1 of path)")
-    prepare_splits(out_dir, 'pycode', tokenizer, split_paths, source, num_proc, quiet)
+    prepare_splits(out_dir, 'pycode', tokenizer, split_paths, source, num_proc, quiet, overwrite)
     return out_dir
 
 
@@ -92,8 +92,13 @@ if __name__ == '__main__':
     parser.add_argument('--num_proc', type=int, default=default_num_proc(),
                         help='tokenizer processes (default: min(8, cpu count))')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.add_argument('--overwrite', action='store_true', help='replace token files in out_dir that were not '
+                        'prepared from this dataset')
     args = parser.parse_args()
     t0 = time.time()
-    prepare(args.tokenizer, args.out_dir, args.num_proc, args.quiet)
+    try:
+        prepare(args.tokenizer, args.out_dir, args.num_proc, args.quiet, args.overwrite)
+    except ValueError as e:  # someone's token files in out_dir: one line, as argparse reports bad options
+        parser.error(str(e))
     if not args.quiet:
         print(f"took {time.time() - t0:.1f}s")

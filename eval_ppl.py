@@ -539,6 +539,9 @@ def evaluate(config, log=print):
 
 
 def main(argv):
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:  # N copies would each score everything and race for the outputs
+        sys.exit(f"error: eval_ppl.py runs in one process: start it with python, not torchrun "
+                 f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
     try:
         config = parse_config(argv, default_config(), __doc__)
         first = ([p.strip() for p in str(config['ckpt']).split(',') if p.strip()] or [None])[0]

@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
@@ -52,6 +53,7 @@ class GPTConfig:
     yarn_beta_fast: float = 32.0      # YaRN: dims that rotate more than beta_fast times keep their frequency
     yarn_beta_slow: float = 1.0       # YaRN: dims that rotate less than beta_slow times are fully interpolated
     attn_impl: str = 'auto'  # 'naive' (this file), 'auto' (the fastest that reproduce it), 'chunked', 'triton'
+    activation_checkpointing: bool = False  # keep only each block's input, recompute the rest in the backward
 
 
 # -----------------------------------------------------------------------------
@@ -257,8 +259,7 @@ def check_rope(cfg):
 
 
 def extend_rope(model, block_size, **_):  # remember the pretraining context: PI, NTK, YaRN scale by it
-    if model.config.rope_original_block_size is None:
-        model.config.rope_original_block_size = model.config.block_size
+    model.config.rope_original_block_size = model.config.rope_original_block_size or model.config.block_size
 
 
 # -----------------------------------------------------------------------------
@@ -336,13 +337,12 @@ def tapa_attention(q, k, v, alpha, theta, phase='quadratic'):
     return F.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
-# Making TAPA learn in a small model. At GPT-2 initialization every angle is near 0, where cos is
-# flat: the phase gets almost no useful gradient while Adam still moves its weights by ~lr per step,
-# so it grows into content-dependent noise and a 4-layer model stalls near the bigram level. Two
-# knobs tame it without changing what the model can express (phi -> g*phi is the same as scaling
-# the phase rows of the q projection): tapa_phase_scale = g (config; g < 1 lets the amplitude part
-# learn first) and tapa_phase_warmup_iters (train.py; g ramps in from ~0 to 1). Both scale q_P (and
-# k_P for the linear phase) before the attention, so every implementation of it runs them unchanged.
+# Making TAPA learn in a small model. At GPT-2 init every angle is near 0, where cos is flat: the phase
+# gets almost no gradient while Adam moves its weights by ~lr per step, so it grows into noise and a
+# 4-layer model stalls near the bigram level. Two knobs tame it without changing what the model can
+# express (phi -> g*phi = scaling the phase rows of the q projection): tapa_phase_scale = g (g < 1: the
+# amplitude learns first) and tapa_phase_warmup_iters (train.py: g ramps in from ~0 to 1), applied to q_P
+# (and k_P for 'linear') before the attention, so that every implementation of it runs them unchanged.
 
 class TAPAPhaseScale(nn.Module):
     """Multipliers of q's (and for 'linear' k's) dims: 1 on the amplitude, tapa_phase_scale * ramp on the phase."""
@@ -413,7 +413,7 @@ def check_config(cfg):
         raise ValueError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"dropout={cfg.dropout!r} must be within [0, 1) (the probability of zeroing an activation)")
-    if PE_TABLE[cfg.pos_encoding].check:
+    if PE_TABLE[cfg.pos_encoding].check:  # the encoding's own settings
         PE_TABLE[cfg.pos_encoding].check(cfg)
 
 
@@ -501,8 +501,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
-    def get_num_params(self, non_embedding=True):
-        """Parameters, by default without position embeddings (token ones count: they are the output layer)."""
+    def get_num_params(self, non_embedding=True):  # by default without position embeddings (tokens' count: tied)
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding and PE_TABLE[self.config.pos_encoding].embed:
             n_params -= sum(p.numel() for p in self.transformer.wpe.parameters())
@@ -531,12 +530,13 @@ class GPT(nn.Module):
         shared_pe = self.transformer.wpe if 'wpe' in self.transformer else None
         k_pos = torch.arange(past + T, device=idx.device)
         pos = Positions(q=k_pos[past:], k=k_pos, tables=self.pe_tables(past + T, idx.device))
-        x = self.transformer.wte(idx)  # (B, T, n_embd)
-        if pe.embed:
-            x = x + pe.embed(shared_pe, pos, self.config)
+        x = self.transformer.wte(idx) + (pe.embed(shared_pe, pos, self.config) if pe.embed else 0)  # (B, T, n_embd)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, pos, shared_pe, kv_cache[i] if kv_cache is not None else None)
+            if self.config.activation_checkpointing and self.training and kv_cache is None:  # memory for time
+                x = torch.utils.checkpoint.checkpoint(block, x, pos, shared_pe, use_reentrant=False)
+            else:
+                x = block(x, pos, shared_pe, kv_cache[i] if kv_cache is not None else None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None):
@@ -555,6 +555,5 @@ class GPT(nn.Module):
         if self.config.pos_encoding == 'tapa':
             self.transformer.wpe.set_factor(self.config.tapa_phase_scale * ramp)
 
-    def new_kv_cache(self):
-        """An empty KV cache: one dict per layer, filled with the keys and values seen so far."""
+    def new_kv_cache(self):  # one dict per layer, filled with the keys and values seen so far
         return [{} for _ in range(self.config.n_layer)]

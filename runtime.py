@@ -14,6 +14,7 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from configurator import ConfigError
 from model import GPT, GPTConfig
@@ -287,19 +288,22 @@ def trim_log(log_path, iter_num):
         os.replace(log_path + '.tmp', log_path)
 
 
-def training_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, batch_generator, device, elapsed_s):
-    """What ckpt.pt holds: enough to continue the run as if it had never stopped (restore_training)."""
+def training_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, rngs, elapsed_s):
+    """What ckpt.pt holds: enough to continue the run as if it had never stopped (restore_training).
+    rngs: every rank's rng_states, in rank order (one without torchrun)."""
     return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scaler': scaler.state_dict() if scaler.is_enabled() else None,
             'model_args': asdict(model.config), 'config': dict(cfg), 'iter_num': iter_num,
-            'best_val_loss': best_val_loss, 'rng': rng_states(batch_generator, device),
+            'best_val_loss': best_val_loss, 'rng': rngs[0], 'rng_ranks': rngs if len(rngs) > 1 else None,
             'elapsed_s': elapsed_s, 'format_version': FORMAT_VERSION}
 
 
-def restore_training(checkpoint, model, optimizer, scaler, batch_generator, device, cfg):
+def restore_training(checkpoint, model, optimizer, scaler, batch_generator, device, cfg, rank=0, world_size=1):
     """Put a run back as training_checkpoint saved it; returns (iter_num, best_val_loss, elapsed_s).
     The betas and weight decay are this run's (a resume may change them); the random streams come
-    last, after the model was built (its initialization drew random numbers)."""
+    last, after the model was built (its initialization drew random numbers): each rank its own
+    when the number of processes is the one saved, else rank 0's (the batches are the same, the
+    dropout masks of other ranks are then new ones)."""
     load_weights(model, checkpoint)
     optimizer.load_state_dict(checkpoint['optimizer'])
     for group in optimizer.param_groups:  # the saved betas would otherwise win over this run's
@@ -307,7 +311,10 @@ def restore_training(checkpoint, model, optimizer, scaler, batch_generator, devi
     optimizer.param_groups[0]['weight_decay'] = cfg.weight_decay  # group 0: the matrices
     if checkpoint['scaler'] is not None and scaler.is_enabled():
         scaler.load_state_dict(checkpoint['scaler'])
-    set_rng_states(checkpoint['rng'], batch_generator, device)
+    saved = checkpoint.get('rng_ranks') or [checkpoint['rng']]
+    set_rng_states(saved[rank] if len(saved) == world_size else saved[0], batch_generator, device)
+    if len(saved) != world_size and rank > 0:
+        torch.manual_seed(cfg.seed + rank + checkpoint['iter_num'])
     return checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('elapsed_s', 0.0)
 
 
@@ -352,3 +359,43 @@ def set_aside_previous_run(out_dir):
                 os.replace(path, path + '.prev')
             moved.append(name)
     return moved
+
+
+# -----------------------------------------------------------------------------
+# more than one process: torchrun --nproc_per_node=N train.py ... (DistributedDataParallel)
+
+def init_distributed(device_name):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; plain python sets
+    none, and this is one process, rank 0 of 1, on the device asked for. Under torchrun each process
+    takes its own GPU (cuda:LOCAL_RANK, NCCL) or runs on the CPU (gloo)."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type not in ('cuda', 'cpu'):
+        raise ConfigError(f"device={device_name!r}: more than one process runs on CUDA GPUs (NCCL) or the "
+                          f"CPU (gloo), not {device.type}")
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world_size, device
+
+
+def mean_over_ranks(values, world_size, device):
+    """The mean of these floats over every process, the same numbers on each (NCCL reduces on the GPU)."""
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world_size).tolist()
+
+
+def gather_rng_states(states, world_size):
+    """Every rank's random states, in rank order (a list of one without torchrun)."""
+    if world_size == 1:
+        return [states]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, states)
+    return gathered

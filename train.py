@@ -16,6 +16,7 @@ get_overrides (configurator.py), and load_checkpoint and model_from_checkpoint f
 also holds the device and precision policy and the checkpoint plumbing this file uses.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -27,14 +28,16 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fast_attention
 from configurator import ConfigError, Settings, allowed_types, check_value, get_overrides, unknown_key_error
 from model import GPT, GPTConfig, check_config
-from runtime import (DTYPES, TrainError, autocast_for, compiles_on, load_checkpoint, lock_out_dir, os_errors,
-                     pick_device, pick_dtype, restore_training, save_checkpoint, set_aside_previous_run,
-                     training_checkpoint, trim_log)
+from runtime import (DTYPES, TrainError, autocast_for, compiles_on, gather_rng_states, init_distributed,
+                     load_checkpoint, lock_out_dir, mean_over_ranks, os_errors, pick_dtype, restore_training,
+                     rng_states, save_checkpoint, set_aside_previous_run, training_checkpoint, trim_log)
 from tokenizer import TOKENIZERS
 
 # -----------------------------------------------------------------------------
@@ -47,6 +50,9 @@ eval_iters = 50              # batches per loss estimate
 eval_only = False            # evaluate once and exit
 always_save_checkpoint = False  # save at every evaluation, not only when the val loss improves
 init_from = 'scratch'        # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+wandb_log = False            # also send what log.jsonl records to Weights & Biases (pip install wandb)
+wandb_project = 'tapa'
+wandb_run_name = ''          # '' = the out_dir's name
 # data
 dataset = 'pycode'
 tokenizer = 'byte'           # 'byte' or 'gpt2'
@@ -86,8 +92,8 @@ DEFAULTS = {**{k: globals()[k] for k in config_keys},
 # what the settings whose type their default doesn't tell may also be (GPTConfig's: Optional[type])
 OPTIONAL_TYPES = {'compile': bool, **{f.name: typing.get_args(f.type)[0] for f in fields(GPTConfig) if f.default is None}}
 # the settings that shape the weights: a checkpoint's (or a given model's) values must win over them.
-# dropout and attn_impl may change (attn_impl computes the same function, only faster or leaner).
-ARCH_KEYS = [k for k in MODEL_KEYS if k not in ('dropout', 'attn_impl')]
+# dropout, attn_impl and activation_checkpointing may change (the same function, faster or leaner).
+ARCH_KEYS = [k for k in MODEL_KEYS if k not in ('dropout', 'attn_impl', 'activation_checkpointing')]
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_SEED = 2024  # the fixed evaluation batches (see estimate_loss)
@@ -129,6 +135,8 @@ def check_settings(cfg):
     need(cfg.out_dir != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
     need(not os.path.isfile(cfg.out_dir), 'out_dir', 'a folder, not an existing file',
          'where ckpt.pt and log.jsonl are written')
+    if cfg.wandb_log and importlib.util.find_spec('wandb') is None:
+        raise ConfigError("wandb_log=True needs the wandb package: pip install wandb (or drop --wandb_log)")
     try:  # the model's settings: model.check_config is their one validator
         check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=1))
     except ValueError as e:
@@ -201,13 +209,16 @@ def find_data(cfg):
     return data_dir, meta, paths, lengths
 
 
-def get_batch(path, batch_size, block_size, generator, device):
+def get_batch(path, batch_size, block_size, generator, device, load=True):
     """batch_size windows of block_size+1 consecutive tokens at random places: x is the first
     block_size tokens of each, y the same shifted by one (the next token to predict at every position).
-    Windows may span a document boundary (the EOT token between documents marks it)."""
+    Windows may span a document boundary (the EOT token between documents marks it). load=False: only
+    draw the places (the generator moves on as if loaded) and return (None, None)."""
     # open the memmap anew for every batch: a long-lived np.memmap keeps growing in memory (nanoGPT's fix)
     data = np.memmap(path, dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    if not load:
+        return None, None
     windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     if device.type == 'cuda':
@@ -274,7 +285,12 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     Returns {'iter_num', 'best_val_loss', 'val_loss', 'model'}."""
     cfg, checkpoint = resolve_config(dict(overrides), defaults, optional_types, model)
     out_dir, gas = cfg.out_dir, cfg.gradient_accumulation_steps
-    device = pick_device(cfg.device)
+    rank, world_size, device = init_distributed(cfg.device)  # one process, rank 0 of 1, without torchrun
+    if gas % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={gas} is the number of micro-batches of a step in all "
+                          f"processes together: it must be a multiple of the {world_size} processes")
+    master = rank == 0  # only it prints, logs and writes checkpoints
+    say = print if master else (lambda *args, **kwargs: None)
     dtype = pick_dtype(cfg.dtype, device)
     ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
 
@@ -296,6 +312,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         vocab_size = checkpoint['model_args']['vocab_size']
     if model is None:
         model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=vocab_size))
+    if rank > 0:  # the same initial weights everywhere (seed above), but each rank its own dropout masks
+        torch.manual_seed(cfg.seed + rank)
     if model.config.vocab_size < meta['vocab_size']:
         raise TrainError(f"the model has {model.config.vocab_size} token embeddings but {data_dir} "
                          f"uses {meta['vocab_size']} tokens: it was trained with another tokenizer")
@@ -307,29 +325,35 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     iter_num, best_val_loss, elapsed_before = 0, float('inf'), 0.0
     if checkpoint is not None:  # everything back as it was saved, random streams included (runtime.py)
         iter_num, best_val_loss, elapsed_before = restore_training(checkpoint, model, optimizer, scaler,
-                                                                   batch_generator, device, cfg)
-        print(f"resuming from {ckpt_path} at iter {iter_num} (settings not given come from the checkpoint)")
+                                                                   batch_generator, device, cfg, rank, world_size)
+        say(f"resuming from {ckpt_path} at iter {iter_num} (settings not given come from the checkpoint)")
         checkpoint = None  # free the memory
     use_compile = compiles_on(device) if cfg.compile == 'auto' else cfg.compile
     raw_model = model  # the plain module: its state_dict has no '_orig_mod.' prefixes
     if use_compile:
         model = torch.compile(model)
+    eval_model = model  # evaluation runs on every rank outside DDP (whose buffer broadcasts would hang)
+    if world_size > 1:  # gradients averaged over the processes, once per optimizer step (see below)
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     tokens_per_iter = gas * cfg.batch_size * cfg.block_size
     if cfg.decay_lr and cfg.max_iters < cfg.lr_decay_iters and not cfg.eval_only:
-        print(f"note: max_iters={cfg.max_iters} ends before the learning rate has decayed (lr_decay_iters="
+        say(f"note: max_iters={cfg.max_iters} ends before the learning rate has decayed (lr_decay_iters="
               f"{cfg.lr_decay_iters}); pass --lr_decay_iters={cfg.max_iters} for the whole schedule")
-    print(f"device {device}, dtype {dtype}, compile {use_compile}")
-    print(f"data {data_dir}: {lengths['train']:,} train / {lengths['validation']:,} validation tokens, "
+    say(f"device {device}, dtype {dtype}, compile {use_compile}, {world_size} process(es)")
+    say(f"data {data_dir}: {lengths['train']:,} train / {lengths['validation']:,} validation tokens, "
           f"vocab {meta['vocab_size']} ({meta['tokenizer']})")
-    print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.config.pos_encoding}, "
+    say(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.config.pos_encoding}, "
           f"{raw_model.config.n_layer} layers, n_embd {raw_model.config.n_embd}, context {cfg.block_size}")
-    print(f"tokens per iteration: {gas} x {cfg.batch_size} x {cfg.block_size} = {tokens_per_iter:,}")
-    print(fast_attention.describe(raw_model, device, getattr(torch, dtype)))  # which implementation the attention runs
+    say(f"tokens per iteration: {gas} x {cfg.batch_size} x {cfg.block_size} = {tokens_per_iter:,}")
+    say(fast_attention.describe(raw_model, device, getattr(torch, dtype)))  # which implementation the attention runs
 
-    def log(record):
-        with os_errors('append to', log_path), open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+    def log(record):  # log.jsonl is the record of the run; wandb, when on, a mirror of it
+        if master:
+            with os_errors('append to', log_path), open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            if wandb is not None:
+                wandb.log({f"{record['kind']}/{k}": v for k, v in record.items() if k != 'kind'}, step=record['iter'])
 
     start_iter, resumed = iter_num, cfg.init_from == 'resume'
     saved_iter = iter_num if resumed else None  # the iteration of this run's checkpoint on disk
@@ -343,19 +367,26 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     t_start = time.time() - elapsed_before  # elapsed time carries on across resumes
     t_last, iters_since_log = time.time(), 0
     if resumed and iter_num >= cfg.max_iters and not cfg.eval_only:
-        print(f"the checkpoint is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to do (raise --max_iters)")
-    with os_errors('create the folder', out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-    lock = None if cfg.eval_only else lock_out_dir(out_dir)  # one run per out_dir, released on any exit
+        say(f"the checkpoint is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to do (raise --max_iters)")
+    writes = master and not cfg.eval_only
+    wandb = None
+    if writes and cfg.wandb_log:
+        import wandb  # (check_settings made sure it is there)
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
+                   config=dict(cfg))
+    if writes:
+        with os_errors('create the folder', out_dir):
+            os.makedirs(out_dir, exist_ok=True)
+    lock = lock_out_dir(out_dir) if writes else None  # one run per out_dir, released on any exit
     bar = tqdm(total=cfg.max_iters, initial=min(iter_num, cfg.max_iters), unit='it', dynamic_ncols=True,
-               mininterval=0.5)
+               mininterval=0.5, disable=not master)
     try:
-        if resumed and not cfg.eval_only:
+        if resumed and writes:
             trim_log(log_path, iter_num)  # an interrupted run may have logged past its checkpoint
-        elif not cfg.eval_only:  # a new run: an earlier one here is kept as *.prev, not emptied or overwritten
+        elif writes:  # a new run: an earlier one here is kept as *.prev, not emptied or overwritten
             moved = set_aside_previous_run(out_dir)
             if moved:
-                print(f"note: {out_dir} held a run, kept as {' and '.join(m + '.prev' for m in moved)} "
+                say(f"note: {out_dir} held a run, kept as {' and '.join(m + '.prev' for m in moved)} "
                       f"(--init_from=resume continues a run instead)")
         while True:
             lr = get_lr(iter_num, cfg)
@@ -369,8 +400,10 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             # A resumed run skips the evaluation at its first iteration: it happened before the save.
             if cfg.eval_only or ((iter_num % cfg.eval_interval == 0 or at_end)
                                     and not (resumed and iter_num == start_iter)):
-                losses = estimate_loss(model, paths, cfg, device, autocast)
-                tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
+                losses = estimate_loss(eval_model, paths, cfg, device, autocast)
+                # every rank evaluated the same batches: their mean, so that all decide alike below
+                losses = dict(zip(losses, mean_over_ranks(list(losses.values()), world_size, device)))
+                say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
                 if cfg.eval_only:
                     break
                 if not math.isfinite(losses['validation']):
@@ -382,28 +415,38 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                 improved = losses['validation'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['validation'])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint or at_end):
-                    save_checkpoint(training_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss,
-                                                        batch_generator, device, time.time() - t_start), out_dir)
+                    rngs = gather_rng_states(rng_states(batch_generator, device), world_size)  # every rank's
+                    if master:
+                        save_checkpoint(training_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss,
+                                                            rngs, time.time() - t_start), out_dir)
+                        say(f"saved {ckpt_path}")
                     saved_iter = iter_num
-                    tqdm.write(f"saved {ckpt_path}")
                 t_last, iters_since_log = time.time(), 0  # evaluation time doesn't count towards tokens/s
             if at_end:
                 break
 
-            # one optimizer step over gradient_accumulation_steps micro-batches. The batches are drawn
-            # at the start of each micro-step (nanoGPT prefetches the next one instead): the batch
-            # generator's state at the top of an iteration is then exactly what a checkpoint must hold.
-            # On a GPU the next batch is still prepared while the previous backward pass runs.
+            # one optimizer step over gradient_accumulation_steps micro-batches in all. Every rank draws
+            # every micro-batch from the one batch generator and computes its own share (micro-steps
+            # rank, rank + N, ...), so the tokens of a step are the same whatever the number of processes
+            # N. The batches are drawn at the start of each micro-step (nanoGPT prefetches the next one):
+            # the generator's state at the top of an iteration is then exactly what a checkpoint holds.
+            mine = range(rank, gas, world_size)
             loss_sum = 0.0
             for micro_step in range(gas):
-                X, Y = get_batch(paths['train'], cfg.batch_size, cfg.block_size, batch_generator, device)
+                X, Y = get_batch(paths['train'], cfg.batch_size, cfg.block_size, batch_generator, device,
+                                 load=micro_step in mine)
+                if X is None:
+                    continue  # another rank's
+                if world_size > 1:  # DDP averages the gradients over the ranks once, at the last of them
+                    model.require_backward_grad_sync = micro_step == mine[-1]
                 with autocast:
                     _, loss = model(X, Y)
                 loss_sum = loss_sum + loss.detach()
-                # dividing by gas makes the accumulated gradient that of the mean loss over the micro-batches
-                scaler.scale(loss / gas).backward()
+                # the mean loss over this rank's micro-batches; DDP's average over the ranks makes it the
+                # mean over all of them (one process: loss / gas, as without DDP)
+                scaler.scale(loss / len(mine)).backward()
             # one GPU sync per iteration: the price of stopping at the first bad step, before it is applied
-            loss_value = loss_sum.item() / gas
+            loss_value, = mean_over_ranks([loss_sum.item() / len(mine)], world_size, device)
             if not math.isfinite(loss_value):
                 raise TrainError(f"the loss is {loss_value} at iter {iter_num}: training diverged. Stopped before "
                                  f"applying this step and saved nothing; {last_good()}. Try a lower learning_rate "
@@ -437,6 +480,9 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         bar.close()
         if lock is not None:
             lock.close()
+    if world_size > 1:  # DDP's reducer holds the process group: freed after it, its destructor hangs
+        model = eval_model = None
+        dist.destroy_process_group()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'val_loss': losses.get('validation'),
             'model': raw_model}
 

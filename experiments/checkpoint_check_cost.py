@@ -36,8 +36,8 @@ def main():
     optimizer.step()  # AdamW's moments exist from the first step: the checkpoint has its real size
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     cfg = train.Settings(beta1=0.9, beta2=0.95, weight_decay=0.1)
-    checkpoint = runtime.training_checkpoint(gpt, optimizer, scaler, cfg, 0, float('inf'), torch.Generator(),
-                                             torch.device('cpu'), 0.0)
+    rngs = [runtime.rng_states(torch.Generator(), torch.device('cpu'))]
+    checkpoint = runtime.training_checkpoint(gpt, optimizer, scaler, cfg, 0, float('inf'), rngs, 0.0)
     with tempfile.TemporaryDirectory() as folder:
         path = runtime.save_checkpoint(checkpoint, folder)
         size = os.path.getsize(path)

@@ -285,7 +285,7 @@ def test_restore_brings_back_the_loss_scale_and_takes_the_new_betas_and_weight_d
     scaler = torch.amp.GradScaler('cpu', init_scale=1234.0)
     cfg = train.Settings(beta1=0.9, beta2=0.99, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
-    ckpt = runtime.training_checkpoint(gpt, opt, scaler, cfg, 7, 1.5, gen, torch.device('cpu'), 3.0)
+    ckpt = runtime.training_checkpoint(gpt, opt, scaler, cfg, 7, 1.5, [runtime.rng_states(gen, torch.device('cpu'))], 3.0)
     gpt2, opt2 = make_optimizer((0.9, 0.99), 0.1)
     scaler2 = torch.amp.GradScaler('cpu')
     assert scaler2.get_scale() != 1234.0

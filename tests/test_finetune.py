@@ -393,3 +393,18 @@ def test_paper_in_miniature_bad_lengths(tmp_path, lengths, message):
     with pytest.raises(ConfigError, match=message):
         paper_in_miniature.main([f'--lengths={lengths}', f'--out={tmp_path / "m"}'])
     assert not (tmp_path / 'm').exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize('content', [None, '', '\n'])
+def test_tapa_probe_table_without_runs_is_one_line(tmp_path, content):
+    """experiments/tapa_probe.py --table before any run (no results file, or an empty one): a one-line
+    message that says what to run, not a traceback."""
+    import tapa_probe
+    path = tmp_path / 'runs' / 'results.jsonl'
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=r"^no runs in .*results\.jsonl yet: train one first, "
+                                         r"e\.g\. python experiments/tapa_probe\.py --name=rope") as e:
+        tapa_probe.print_table(str(path))
+    assert '\n' not in str(e.value.code)

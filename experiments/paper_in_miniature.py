@@ -315,7 +315,7 @@ def main(argv):
     times = {}
     py = 'python'
     old_cwd = os.getcwd()
-    os.chdir(REPO)  # every command runs from the repository root, as the README writes them
+    os.chdir(REPO)  # every command runs from the repository root, as the docs write them
     try:
         # 1. data
         data = []

@@ -46,7 +46,7 @@ now issues ~18, ~25 and ~29 instructions per score, with 2 (forward) and 3
 prints the counts, no GPU needed). Measured on an H100 with these: 2.06x the time of RoPE +
 FlashAttention at L = 8192 (forward 1.5x, backward 2.4x) with the two-kernel backward; about 1.84x
 with the single pass, from the same run's timings, now the default there (see tapa_attention_triton).
-README.md, "Speed and memory", has the numbers.
+docs/performance.md has the numbers.
 
 Usage: tapa_attention_triton(q, k, v, alpha, theta, phase) -- fast_attention.py calls it for attn_impl='triton' (or 'auto' on NVIDIA GPUs).
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when the environment variable

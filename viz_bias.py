@@ -542,18 +542,19 @@ def plot_rope_bias(cfg, path):
 
 def plot_tapa_decay(cfg, path):
     plt = get_pyplot()
+    from matplotlib.lines import Line2D
     a, b, s = cfg['q_mean'], cfg['k_mean'], cfg['qk_std']
     Ds = cfg['tapa_small_head_dim']
     settings = parse_tapa_settings(cfg['tapa_settings'])
     grid = np.logspace(0, 6, 300)
     mc_dist = np.unique(np.round(np.logspace(0, 6, 13))).astype(np.int64)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 4.8))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 4.4))
     for i, (alpha, theta) in enumerate(settings):
         color = f'C{i}'
         rate = tapa_decay_exponent(alpha, theta, Ds)
         factor = tapa_phase_factor(grid, Ds, theta, alpha, a, b, s)
         ax1.loglog(grid, np.abs(factor), color=color, lw=1.3,
-                   label=f"alpha={alpha:g}, theta={theta:g}: slope -alpha(1-theta)D = {-rate:g}")
+                   label=f"alpha={alpha:g}, theta={theta:g}: slope {-rate:g}")
         # the predicted power law, pinned to the closed form at the far end
         ax1.loglog(grid, abs(factor[-1]) * (grid / grid[-1]) ** (-rate), color=color, ls=':', lw=1)
         scores, coss = tapa_mc_scores(mc_dist, Ds, theta, alpha, cfg['tapa_mc_samples'], a, b, s, seed=cfg['seed'] + i)
@@ -562,42 +563,51 @@ def plot_tapa_decay(cfg, path):
         ax1.errorbar(mc_dist[ok], mean[ok], yerr=2 * se[ok], fmt='o', ms=3, color=color, capsize=2)
         ax1.plot(mc_dist[~ok], (np.abs(mean) + 2 * se)[~ok], 'v', ms=4, color=color, alpha=0.5)
         _, var = tapa_expected_score(grid, Ds, theta, alpha, a, b, s)
-        ax2.semilogx(grid, var, color=color, lw=1.3, label=f"alpha={alpha:g}, theta={theta:g}")
+        ax2.semilogx(grid, var, color=color, lw=1.3)
         ax2.semilogx(mc_dist, scores.var(0, ddof=1), 'o', ms=3, color=color)
     D, alpha0, theta0 = cfg['head_dim'], cfg['tapa_alpha'], cfg['tapa_theta']
     var_bound = (a * a + s * s) * (b * b + s * s) / 2
-    ax2.axhline(var_bound, color='k', ls='--', lw=1, label='sigma0^2 / 2 (Theorem 3.3)')
+    ax2.axhline(var_bound, color='k', ls='--', lw=1)
     ax2.set_ylim(0, None)
     big = abs(tapa_phase_factor([1], D, theta0, alpha0, a, b, s)[0])
+    # the legends go under the panels, never over the data; what the line styles mean is in them, so
+    # that each title fits on two lines. The q, k here are Eq. 12's with the phase scale 1 (a scale
+    # g < 1, as the small-model setting uses, is the same as q_P shrunk by g: a slower decay).
+    key = [Line2D([], [], color='k', lw=1.3, label='closed form'),
+           Line2D([], [], color='k', ls=':', lw=1, label='power law |m-n|^(-alpha(1-theta)D)'),
+           Line2D([], [], color='k', marker='o', ms=3, ls='none', label='Monte Carlo of E[cos], +-2 s.e.'),
+           Line2D([], [], color='k', marker='v', ms=4, ls='none', alpha=0.5, label='Monte Carlo: under its noise')]
     ax1.set_xlabel('distance |m - n|')
     ax1.set_ylabel('E[score(m,n)] / E[score(m,m)]')
-    ax1.set_title(f"TAPA: E[score] decays like |m-n|^(-alpha(1-theta)D)  (D={Ds})\n"
-                  f"lines: closed form, dotted: that power law, dots: Monte Carlo\n"
-                  f"of E[cos] +-2 s.e., v: under the MC noise. (D={D}, alpha={alpha0:g},\n"
-                  f"theta={theta0:g}: {big:.0e} already at distance 1)", fontsize=9)
-    ax1.legend(fontsize=7.5, loc='lower left')
+    ax1.set_title(f"TAPA: E[score] decays like |m-n|^(-alpha(1-theta)D)\n"
+                  f"random q, k, head dim D={Ds}, phase scale 1", fontsize=9)
+    ax1.text(0.03, 0.03, f"D={D}, alpha={alpha0:g}, theta={theta0:g}:\n{big:.0e} already at distance 1",
+             transform=ax1.transAxes, fontsize=7.5, va='bottom')
+    ax1.legend(handles=ax1.get_legend_handles_labels()[0] + key, fontsize=7.5, ncol=2, loc='upper center',
+               bbox_to_anchor=(0.5, -0.16), title='colour: alpha, theta (phase scale 1)', title_fontsize=7.5)
     ax2.set_xlabel('distance |m - n|')
     ax2.set_ylabel('Var[score(m,n)]')
-    ax2.set_title(f"...while one score's variance stays\nbounded away from 0 (D={Ds})\n"
-                  "lines: closed form, dots: Monte Carlo", fontsize=9)
-    ax2.legend(fontsize=7.5, loc='lower left')
+    ax2.set_title(f"...while one score's variance stays\nabove sigma0^2 / 2 (D={Ds}, colours as left)", fontsize=9)
+    ax2.legend(handles=[Line2D([], [], color='k', lw=1.3, label='closed form'),
+                        Line2D([], [], color='k', marker='o', ms=3, ls='none', label='Monte Carlo'),
+                        Line2D([], [], color='k', ls='--', lw=1, label='sigma0^2 / 2 (Theorem 3.3)')],
+               fontsize=7.5, loc='upper center', bbox_to_anchor=(0.5, -0.16))
     nr, fr = parse_list(cfg['near'], int), parse_list(cfg['far'], int)
     n = cfg['mc_samples']
     d_rope = rope_mc_delta(D, parse_list(cfg['rope_bases'])[0], n, a, b, s, nr, fr, seed=cfg['seed'] + 20)
     d_tapa = tapa_mc_delta(D, theta0, alpha0, n, a, b, s, nr, fr, seed=cfg['seed'] + 21)
     for delta, color, name in ((d_rope, 'C0', f"RoPE base {parse_list(cfg['rope_bases'])[0]:.0e}"),
-                               (d_tapa, 'k', f"TAPA alpha={alpha0:g}, theta={theta0:g}")):
+                               (d_tapa, 'k', f"TAPA alpha={alpha0:g}, theta={theta0:g}, phase scale 1")):
         ax3.hist(delta, bins=60, histtype='step', color=color, density=True,
                  label=f"{name}: mean {delta.mean():.2f}, std {delta.std():.2f}")
         ax3.axvline(delta.mean(), color=color, ls='--', lw=1)
     ax3.axvline(0, color='0.5', lw=0.5)
-    ax3.set_ylim(0, ax3.get_ylim()[1] * 1.25)  # room for the legend
     ax3.set_xlabel(f"Delta = score(near {nr[0]}..{nr[1]}) - score(far {fr[0]}..{fr[1]})")
     ax3.set_ylabel('density')
     ax3.set_title(f"the paper's Appendix I on random q, k (D={D}):\nRoPE's Delta is shifted, TAPA's is centred at 0", fontsize=9)
-    ax3.legend(fontsize=7.5, loc='upper left')
+    ax3.legend(fontsize=7.5, loc='upper center', bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
-    fig.savefig(path, dpi=cfg['dpi'])
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')  # 'tight': the legends under the panels included
     plt.close(fig)
 
 
@@ -700,8 +710,9 @@ def ckpt_label(path, config):
     path = os.path.abspath(path)
     name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == 'ckpt.pt' else os.path.basename(path)
     pe = config.pos_encoding
-    if pe == 'tapa':
-        pe += f' (alpha={config.tapa_alpha:g}, theta={config.tapa_theta:g})'
+    if pe == 'tapa':  # the phase scale too: it is what tells the small-model setting from the paper's
+        phase = '' if config.tapa_phase == 'quadratic' else f', {config.tapa_phase} phase'
+        pe += f' (alpha={config.tapa_alpha:g}, theta={config.tapa_theta:g}{phase}, phase scale {config.tapa_phase_scale:g})'
     elif pe == 'rope':
         pe += f' (base {config.rope_base:g}' + (f', {config.rope_scaling}' if config.rope_scaling else '') + ')'
     return f'{pe} [{name}]'
@@ -784,26 +795,28 @@ def plot_checkpoints(cfg, checkpoints, wanted):
     written = []
     out = cfg['out_dir']
     if 'delta_hist' in wanted:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig, ax = plt.subplots(figsize=(6.5, 3.6 + 0.4 * len(results)))  # + room for the legend underneath
         for i, r in enumerate(results):
             d = r['deltas']
             ax.hist(d, bins=60, histtype='step', density=True, color=f'C{i}',
                     label=f"{r['label']}\nmean {d.mean():.2f}, std {d.std():.2f}, {100 * (d > 0).mean():.0f}% > 0")
             ax.axvline(d.mean(), color=f'C{i}', ls='--', lw=1)
         ax.axvline(0, color='0.5', lw=0.5)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # room for the legend
+        # log density: a stalled model's narrow spike at 0 would otherwise flatten everyone else's histogram
+        ax.set_yscale('log')
+        ax.set_ylim(1e-3, None)
         r0 = results[0]
         ax.set_xlabel(f"Delta = mean score(distance 1..{r0['d_short']}) - mean score(distance >= {r0['d_long']})")
         ax.set_ylabel('density')
         ax.set_title(f"near-vs-far score gap per layer, head and query\n"
                      f"{cfg['n_seqs']} {cfg['split']} windows of {r0['T']} tokens", fontsize=9)
-        ax.legend(fontsize=7.5)
+        ax.legend(fontsize=7.5, loc='upper center', bbox_to_anchor=(0.5, -0.2))  # under the axes, off the data
         fig.tight_layout()
         written.append(os.path.join(out, 'delta_hist.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'])
+        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
         plt.close(fig)
     if 'attention_vs_distance' in wanted:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig, ax = plt.subplots(figsize=(6.5, 4.2 + 0.2 * len(results)))  # + room for the legend underneath
         for i, r in enumerate(results):
             bins = log_bins(r['T'])
             ax.semilogy(range(len(bins)), binned_mass(r['total'], r['count'], bins), 'o-', ms=3,
@@ -818,10 +831,10 @@ def plot_checkpoints(cfg, checkpoints, wanted):
         ax.set_ylabel('attention mass in the bin')
         ax.set_title(f"where the last quarter of the queries of each window put their attention\n"
                      f"(mean over layers, heads, queries; {cfg['n_seqs']} {cfg['split']} windows)", fontsize=9)
-        ax.legend(fontsize=7.5)
+        ax.legend(fontsize=7.5, loc='upper center', bbox_to_anchor=(0.5, -0.42))  # under the tick labels
         fig.tight_layout()
         written.append(os.path.join(out, 'attention_vs_distance.png'))
-        fig.savefig(written[-1], dpi=cfg['dpi'])
+        fig.savefig(written[-1], dpi=cfg['dpi'], bbox_inches='tight')
         plt.close(fig)
     if 'attention_maps' in wanted:
         from matplotlib.colors import LogNorm
@@ -833,7 +846,8 @@ def plot_checkpoints(cfg, checkpoints, wanted):
             probs = r['map_probs'][layer][head].numpy()
             probs = np.ma.masked_where(np.triu(np.ones_like(probs, dtype=bool), 1), probs)
             im = ax.imshow(np.clip(probs, 1e-4, 1), norm=LogNorm(vmin=1e-4, vmax=1), cmap='magma', interpolation='nearest')
-            ax.set_title(f"{r['label']}\nlayer {layer}, head {head}", fontsize=9)
+            name = r['label'].replace(' [', '\n[')  # settings on one line, the run's folder on the next
+            ax.set_title(f"{name}, layer {layer}, head {head}", fontsize=9)
             ax.set_xlabel('key n')
             ax.set_ylabel('query m')
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label='attention weight (log)')

@@ -12,4 +12,4 @@ learning_rate = 1.2e-4
 min_lr = 1.2e-5
 # The paper's exact setting (tapa_phase_scale = 1). If the loss stalls near the bigram level, as it
 # does for the 0.8M-parameter CPU models, try --tapa_phase_scale=0.05 --learning_rate=6e-4 --min_lr=6e-5
-# (README.md, "Making TAPA learn at small scale"); not measured at this size.
+# (docs/small_scale_study.md); not measured at this size.

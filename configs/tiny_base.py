@@ -1,8 +1,9 @@
 # The shared settings of the tiny CPU configs (tiny_tapa.py, tiny_rope.py, ...): a 0.8M-parameter
 # byte-level model on PG-19 books. Each tiny_<pe>.py imports this file and changes only the
 # positional encoding (and out_dir), so their losses compare the encodings and nothing else.
-# Needs the data first:
-#     python data/pg19/prepare.py --tokenizer byte --source ../shared/data/pg19_mini
+# Needs the data first: a download of the first 50 books of each split (README.md, "Your first
+# afternoon", step 3), or --source DIR from a local folder of PG-19 books instead of the download:
+#     python data/pg19/prepare.py --tokenizer byte --num_books 50 --splits train validation
 dataset = 'pg19'
 tokenizer = 'byte'
 

@@ -1,5 +1,5 @@
-# Tiny byte-level PG-19 model with TAPA in the setting recommended for small models (see README.md,
-# "Making TAPA learn at small scale"); configs/tiny_tapa.py is the paper's exact setting.
+# Tiny byte-level PG-19 model with TAPA in the setting recommended for small models (see
+# docs/small_scale_study.md); configs/tiny_tapa.py is the paper's exact setting, which stalls at this size.
 #     python train.py configs/tiny_tapa_small.py
 #
 # The one change to the model: tapa_phase_scale = 0.05 multiplies the phase phi of Eq. 12. That is a

@@ -1,8 +1,8 @@
 # Tiny byte-level PG-19 model with TAPA in the small-model setting (configs/tiny_tapa_small.py) and
 # the paper's linear phase (its ablation): phi = (sum of q_P + sum of k_P) / sqrt(d_P) instead of
 # q_P.k_P / sqrt(d_P). At this scale it fit better than the quadratic phase in every run we made
-# (3 seeds at 1,000 steps, and at 2,000 steps), with the same extrapolation; see README.md,
-# "Making TAPA learn at small scale".
+# (3 seeds at 1,000 steps, and at 2,000 steps), with the same extrapolation; see
+# docs/small_scale_study.md.
 #     python train.py configs/tiny_tapa_small_linear.py
 from configs.tiny_tapa_small import *  # noqa: F401,F403
 

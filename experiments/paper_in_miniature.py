@@ -1,9 +1,10 @@
 """
 The TAPA paper's long-context experiment in miniature, on a CPU, offline, from a fresh clone:
 
-    python experiments/paper_in_miniature.py                  # the whole thing (see README for the time)
+    python experiments/paper_in_miniature.py                  # the whole thing (docs/long_context.md: time)
     python experiments/paper_in_miniature.py --jobs=2         # two commands at once (uses 2 idle cores fully)
     python experiments/paper_in_miniature.py --quick          # every step with tiny settings, < 1 minute
+                                                              # (into runs/miniature-quick/, never runs/miniature/)
 
 The paper's claim: RoPE-family models fall apart past the context they were trained at, and
 context-extension methods (PI, YaRN, ABF) plus fine-tuning only move the cliff, while TAPA extends
@@ -21,9 +22,10 @@ byte-level models on 60 PG-19 books:
   5. the same perplexity evaluation of the fine-tuned models (128..2048: 4x is the fine-tuned
      length, beyond it is extrapolation)
   6. passkey retrieval (eval_passkey.py) of the fine-tuned models
-  7. one folder, --out (default runs/miniature): results.md (the tables), results.json,
-     results.csv, ppl.png (the curves), every evaluation's own outputs in eval/, the checkpoints in
-     ckpt/, each command's output in logs/, and commands.sh (every command, in order)
+  7. one folder, --out (default runs/miniature; with --quick, runs/miniature-quick): results.md
+     (the tables), results.json, results.csv, ppl.png (the curves), every evaluation's own outputs
+     in eval/, the checkpoints in ckpt/, each command's output in logs/, and commands.sh (every
+     command, in order)
 
 Every step is a real command of this repository, printed before it runs and written to
 commands.sh, so any of them can be rerun or changed by hand. By default each runs as its own
@@ -76,8 +78,10 @@ threads = 0                    # torch threads per command (0 = torch's default)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and k not in ('REPO',) and isinstance(v, (bool, int, float, str))}
-QUICK = dict(pretrain_iters=4, finetune_iters=3, lengths='128,256,512', max_tokens_per_length=512,
-             passkey_trials=1)
+# --quick's settings, where not given; its own out folder, so that a smoke test never overwrites the
+# results (and checkpoints) of a full run
+QUICK = dict(out='runs/miniature-quick', pretrain_iters=4, finetune_iters=3, lengths='128,256,512',
+             max_tokens_per_length=512, passkey_trials=1)
 LABELS = {'tapa': 'TAPA', 'rope': 'RoPE', 'alibi': 'ALiBi', 'nope': 'NoPE', 'learned': 'learned'}
 PG19_MINI = os.path.join('..', 'shared', 'data', 'pg19_mini')
 
@@ -278,6 +282,9 @@ def main(argv):
     cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}  # -h: usage and settings
     if cfg['quick']:
         cfg.update({k: v for k, v in QUICK.items() if not any(a.startswith(f'--{k}=') for a in argv)})
+        if os.path.abspath(cfg['out']) == os.path.abspath(DEFAULTS['out']):
+            raise ConfigError(f"--quick --out={cfg['out']}: that is where the full run keeps its results and "
+                              f"checkpoints; a quick run goes elsewhere (default {QUICK['out']})")
     pes = [p.strip() for p in cfg['encodings'].split(',') if p.strip()]
     if 'tapa' not in pes or 'rope' not in pes:
         raise ConfigError(f"--encodings={cfg['encodings']} must include tapa and rope (the paper's comparison)")
@@ -308,7 +315,7 @@ def main(argv):
     times = {}
     py = 'python'
     old_cwd = os.getcwd()
-    os.chdir(REPO)  # every command runs from the repository root, as the README writes them
+    os.chdir(REPO)  # every command runs from the repository root, as the docs write them
     try:
         # 1. data
         data = []
@@ -319,7 +326,9 @@ def main(argv):
         elif not os.path.exists(os.path.join(REPO, 'data', 'pg19', 'byte', 'meta.json')):
             if not os.path.isdir(os.path.join(REPO, PG19_MINI)):
                 raise ConfigError(f"no prepared data in data/pg19/byte and no {PG19_MINI} to prepare it from: "
-                                  f"put PG-19 books there (train/ validation/ test/ of <id>.txt) or pass --data_dir")
+                                  f"download some books (python data/pg19/prepare.py --tokenizer byte "
+                                  f"--num_books 50 --splits train validation), put PG-19 books in {PG19_MINI} "
+                                  f"(train/ validation/ test/ of <id>.txt) or pass --data_dir")
             run_steps([('prepare', [py, 'data/pg19/prepare.py', '--tokenizer', 'byte', '--source', PG19_MINI])],
                       cfg, times)
         quick_train = ['--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4'] if cfg['quick'] else []

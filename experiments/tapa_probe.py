@@ -20,10 +20,10 @@ model.py, as its own entry in model.py's PE_TABLE (an attention function with pe
   --phase_lr_mult=m          a separate learning rate for the phase rows of the q/k projection
                              (applied as m x the AdamW update of those rows)
   --phase_bias=b             a learnable per-head offset added to phi, initialized to b/H .. b
-Those that helped made it into model.py as options; the others are documented in README.md with
-their numbers. The evaluation here is quick: non-overlapping windows at random offsets of the
-validation books (the same windows for every run), mean loss over all positions. eval_ppl.py is
-the careful sliding-window protocol.
+Those that helped made it into model.py as options; the others are documented in
+docs/small_scale_study.md with their numbers. The evaluation here is quick: non-overlapping windows
+at random offsets of the validation books (the same windows for every run), mean loss over all
+positions. eval_ppl.py is the careful sliding-window protocol.
 """
 
 import json
@@ -90,7 +90,11 @@ def parse(argv):
 
 
 def print_table(path):
-    rows = [json.loads(line) for line in open(path)]
+    # before the first run there is no file: say what to run, not a traceback
+    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    if not rows:
+        sys.exit(f"no runs in {path} yet: train one first, e.g. python experiments/tapa_probe.py "
+                 f"--name=rope --pe=rope --lr=2e-3")
     lengths = sorted({L for r in rows for L in r['val_loss']}, key=int)  # runs may differ in eval_lengths
     print('| run | settings | ' + ' | '.join(f'val loss @{L}' for L in lengths) + ' | ppl ratio longest/shortest |')
     print('|---|---|' + '---|' * (len(lengths) + 1))

@@ -394,3 +394,47 @@ def test_paper_in_miniature_bad_lengths(tmp_path, lengths, message):
     with pytest.raises(ConfigError, match=message):
         paper_in_miniature.main([f'--lengths={lengths}', f'--out={tmp_path / "m"}'])
     assert not (tmp_path / 'm').exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize('content', [None, '', '\n'])
+def test_tapa_probe_table_without_runs_is_one_line(tmp_path, content):
+    """experiments/tapa_probe.py --table before any run (no results file, or an empty one): a one-line
+    message that says what to run, not a traceback."""
+    import tapa_probe
+    path = tmp_path / 'runs' / 'results.jsonl'
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=r"^no runs in .*results\.jsonl yet: train one first, "
+                                         r"e\.g\. python experiments/tapa_probe\.py --name=rope") as e:
+        tapa_probe.print_table(str(path))
+    assert '\n' not in str(e.value.code)
+
+
+def test_paper_in_miniature_quick_never_uses_the_full_runs_folder(tmp_path, monkeypatch):
+    """--quick writes to runs/miniature-quick by default, so a smoke test never overwrites a full run's
+    results and checkpoints in runs/miniature; and --quick --out=runs/miniature is refused."""
+    data = make_data(tmp_path / 'data', n_docs=(6, 3), doc_len=1500)
+    work = tmp_path / 'work'
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default folders are relative to where it is run from
+
+    class Stop(Exception):
+        pass
+    used = []
+
+    def first_step(steps, cfg, record):  # stop at the first command: only the folder matters here
+        used.append(cfg['out'])
+        raise Stop
+    monkeypatch.setattr(paper_in_miniature, 'run_steps', first_step)
+    with pytest.raises(Stop):
+        paper_in_miniature.main(['--quick', f'--data_dir={data}'])
+    assert used == [str(work / 'runs' / 'miniature-quick')]
+    assert not (work / 'runs' / 'miniature').exists()
+    for out in ('runs/miniature', str(work / 'runs' / 'miniature'), 'runs/../runs/miniature'):
+        with pytest.raises(ConfigError, match=r"--quick --out=.*: that is where the full run keeps its results"):
+            paper_in_miniature.main(['--quick', f'--out={out}', f'--data_dir={data}'])
+    assert not (work / 'runs' / 'miniature').exists()
+    with pytest.raises(Stop):  # and the full run still defaults to runs/miniature
+        paper_in_miniature.main([f'--data_dir={data}'])
+    assert used[-1] == str(work / 'runs' / 'miniature')

@@ -288,7 +288,7 @@ class ChunkedTAPA(torch.autograd.Function):
       - only the tiles that cross the diagonal are masked,
       - a 128 x 128 tile of 8 heads is 512 KiB in float32, small enough to stay in a CPU's L2 cache
         while the ten-odd passes run over it (64 and 256 were slower at T = 1024 and 4096).
-    With these, forward + backward takes about 1.5-2x the time of RoPE + SDPA on a CPU (README.md).
+    With these, forward + backward takes about 1.5-2x the time of RoPE + SDPA on a CPU (docs/performance.md).
     """
 
     @staticmethod

@@ -337,12 +337,12 @@ def tapa_attention(q, k, v, alpha, theta, phase='quadratic'):
     return F.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
-# Making TAPA learn in a small model. At GPT-2 init every angle is near 0, where cos is flat: the phase
-# gets almost no gradient while Adam moves its weights by ~lr per step, so it grows into noise and a
-# 4-layer model stalls near the bigram level. Two knobs tame it without changing what the model can
-# express (phi -> g*phi = scaling the phase rows of the q projection): tapa_phase_scale = g (g < 1: the
-# amplitude learns first) and tapa_phase_warmup_iters (train.py: g ramps in from ~0 to 1), applied to q_P
-# (and k_P for 'linear') before the attention, so that every implementation of it runs them unchanged.
+# Making TAPA learn in a small model (docs/small_scale_study.md). At GPT-2 init every angle is near 0,
+# where cos is flat: the phase gets almost no gradient while Adam moves its weights by ~lr per step, so
+# it grows into noise and a 4-layer model stalls near the bigram level. Two knobs tame it without
+# changing what the model can express (phi -> g*phi = scaling the phase rows of the q projection):
+# tapa_phase_scale = g (g < 1: the amplitude learns first) and tapa_phase_warmup_iters (train.py: g
+# ramps in from ~0 to 1), applied to q_P (and k_P for 'linear') before any implementation runs.
 
 class TAPAPhaseScale(nn.Module):
     """Multipliers of q's (and for 'linear' k's) dims: 1 on the amplitude, tapa_phase_scale * ramp on the phase."""

@@ -43,7 +43,7 @@ REFERENCES = {
     'tapa_attention': ('tapa_attention', 'tapa_scores', 'tapa_distance_weight', 'tapa_split', 'causal_mask'),
 }
 FINGERPRINTS = {
-    'dot_product_attention': 'ae9d670e78cad23b',
+    'dot_product_attention': '0c45bd7c6c114766',
     'causal_mask': '0d4c1c12196d99e1',
     'tapa_attention': '9261bc3302783b30',
     'tapa_scores': '92c990f9aa384380',

@@ -85,7 +85,8 @@ def dot_product_attention(q, k, v, bias=None):
     if bias is not None:
         att = att + bias
     att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
-    return F.softmax(att.float(), dim=-1).to(q.dtype) @ v
+    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # (bfloat16 q: float32)
+    return F.softmax(att.to(softmax_dtype), dim=-1).to(q.dtype) @ v
 
 
 def fast(reference, cfg):

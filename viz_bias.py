@@ -37,6 +37,7 @@ The small functions below (closed forms, Monte Carlo estimators, score extractio
 figures are made of; tests/test_viz.py checks them against each other and against the model.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -48,7 +49,7 @@ from torch.nn import functional as F
 import runtime
 from configurator import ConfigError, get_overrides
 from eval_ppl import resolve_ckpt_path
-from model import (alibi_bias, alibi_slopes, apply_rope, causal_mask, dot_product_attention, rope_cos_sin,
+from model import (PE_TABLE, Positions, alibi_bias, alibi_slopes, apply_rope, causal_mask, dot_product_attention,
                    rope_frequencies, tapa_distance_weight, tapa_scores, tapa_split)
 
 # -----------------------------------------------------------------------------
@@ -347,29 +348,24 @@ def capture_qkv(model, idx):
     return captured  # the blocks run in order, so captured[i] is layer i
 
 
-def pre_softmax_scores(config, q, k):
-    """The (B, H, T, T) scores before mask and softmax, for queries and keys at positions 0..T-1,
-    re-applying the checkpoint's positional encoding with the model's functions."""
-    T, D = q.size(-2), q.size(-1)
-    pe = config.pos_encoding
-    if pe == 'tapa':
-        d_amp, _ = tapa_split(D, config.tapa_theta)
-        if config.tapa_phase_scale != 1.0:  # the small-model setting scales phi, as the model does it
-            # (CausalSelfAttention.attend): the phase dims of q, and of k for the linear phase
-            scale = torch.ones(D, device=q.device)
-            scale[d_amp:] = config.tapa_phase_scale
-            q = q * scale
-            k = k * scale if config.tapa_phase == 'linear' else k
-        weight = tapa_distance_weight(0, T, 0, T, config.tapa_alpha, q.device)
-        scores, _, _ = tapa_scores(q, k, weight, d_amp, config.tapa_phase)
-        return scores.float()
-    if pe == 'rope':
-        cos, sin = rope_cos_sin(config, D, T, q.device)  # includes YaRN's attention scale
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)
-    if pe == 'alibi':
-        scores = scores + alibi_bias(alibi_slopes(config.n_head), T, T, q.device)
-    return scores.float()
+def pre_softmax_scores(model, layer, q, k):
+    """The (B, H, T, T) scores of one layer for queries and keys at positions 0..T-1, through the
+    model's own attention function (model.PE_TABLE, the reference, whatever you changed in it): with
+    v the identity, softmax(scores) @ v is the attention probabilities, and their log is the scores
+    up to one constant per query, which neither a softmax nor Delta (a difference of two means of a
+    query's scores) sees. In float64, so that no visible key's probability underflows. Future keys
+    get 0 (a finite number for the sums over masks: causal_softmax masks them again)."""
+    cfg = dataclasses.replace(model.config, attn_impl='naive')
+    B, H, T, _ = q.shape
+    positions = torch.arange(T, device=q.device)
+    pos = Positions(q=positions, k=positions, tables=model.pe_tables(T, q.device))
+    params = model.transformer.h[layer].attn.pe
+    if params is None and 'wpe' in model.transformer:
+        params = model.transformer.wpe
+    identity = torch.eye(T, dtype=torch.float64, device=q.device).expand(B, H, T, T)
+    with torch.no_grad():
+        probs = PE_TABLE[cfg.pos_encoding].attend(q.double(), k.double(), identity, pos, params, cfg)
+    return probs.log().float().masked_fill(~causal_mask(T, T, q.device), 0.0)
 
 
 def causal_softmax(scores):
@@ -464,8 +460,8 @@ def checkpoint_stats(model, windows, d_short_, d_long_, first_query):
     of the queries m >= first_query, and the attention probabilities of the first window."""
     deltas, total, count, first_probs = [], None, 0, None
     for i, idx in enumerate(windows):
-        for q, k, v in capture_qkv(model, idx.to(next(model.parameters()).device)):
-            scores = pre_softmax_scores(model.config, q, k).cpu()
+        for layer, (q, k, v) in enumerate(capture_qkv(model, idx.to(next(model.parameters()).device))):
+            scores = pre_softmax_scores(model, layer, q, k).cpu()
             deltas.append(delta_short_long(scores, d_short_, d_long_))
             probs = causal_softmax(scores)
             t, c = attention_by_distance(probs, first_query)

@@ -152,8 +152,8 @@ def test_scores_reproduce_the_attention_output(pos_encoding, extra):
     for h in handles:
         h.remove()
     assert len(qkv) == len(inputs_to_proj) == 2
-    for (q, k, v), y in zip(qkv, inputs_to_proj):
-        probs = vb.causal_softmax(vb.pre_softmax_scores(model.config, q, k))
+    for layer, ((q, k, v), y) in enumerate(zip(qkv, inputs_to_proj)):
+        probs = vb.causal_softmax(vb.pre_softmax_scores(model, layer, q, k))
         out = (probs @ v).transpose(1, 2).reshape(y.shape)
         torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
 
@@ -342,3 +342,27 @@ def test_doc_line_references_point_at_what_they_name():
         else:  # a code snippet: on exactly one line of the file (so it cannot be confused), which the link starts at
             assert sum(name in line for line in lines) == 1, f"`{name}` must be on exactly one line of {file}"
             assert name in lines[a - 1], f"`{name}` is not on {file}#L{a}{fix}"
+
+
+@pytest.mark.parametrize('pos_encoding', ['nope', 'alibi'])
+def test_delta_through_the_model_matches_scores_computed_here(pos_encoding):
+    """Delta of the scores viz_bias gets through the model's attention (log-probabilities) equals Delta
+    of the scores written out here: q.k/sqrt(D), minus 2^(-8(h+1)/H) (m-n) for ALiBi. Finite: the
+    masked future must not turn the means into NaN."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_encoding)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(8.0)
+    idx = torch.randint(0, 256, (1, 60))
+    q, k, _ = vb.capture_qkv(model, idx)[0]
+    H, T, D = q.size(1), q.size(2), q.size(3)
+    expected = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(D)
+    if pos_encoding == 'alibi':
+        distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+        expected = expected - slopes[:, None, None] * distance
+    got = vb.delta_short_long(vb.pre_softmax_scores(model, 0, q, k), 3, 30)
+    want = vb.delta_short_long(expected.float(), 3, 30)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

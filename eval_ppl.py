@@ -17,26 +17,34 @@ stdout (rows = checkpoints, columns = context lengths) and, next to the --out pr
 <first out_dir>/ppl), the same table as .md, every number as .json and .csv, and a plot as .png
 (when matplotlib is installed).
 
-The protocol: sliding windows (Press et al. 2021, "Train Short, Test Long"; as in YaRN and the TAPA
-paper). At context length L with stride S, each document is read in windows of L tokens that move
-forward S tokens at a time, and each window scores only the S tokens it adds, so every scored token
-has at least L-S tokens of context; the first window of a document scores all its tokens, with
-whatever context exists. Every token of a document except its first is scored exactly once. See
-sliding_windows() below for the exact rule. S = L gives back-to-back chunks (cheapest, but then the
-average token has only L/2 of context); the default S = 256 is the usual choice.
+The protocol (--protocol=spans, the default). Scored spans are chosen once, then scored at every
+length: spans of `span` tokens (default a quarter of the shortest length), spread evenly through
+each document, each starting at least max(skip, longest length) tokens into it. The skip (default
+20,000 bytes or 5,000 GPT-2 tokens) passes a PG-19 book's front matter (producer line, title page,
+contents), which otherwise dominates what is scored; the longest length leaves room for a whole
+window before every span. At length L the model reads the L tokens that end with a span and its
+last `span` outputs are scored, so every scored token has at least L - span tokens of context (the
+1x column too: that is why a span is at most L/4 there). The same tokens at every length: along a
+curve only the context changes. Documents without room for one span are left out of every length
+and reported, with their token count. See select_spans() and span_windows().
 
-Which tokens are scored. Only documents that hold at least one full window (L + 1 tokens: L inputs
-and the token after them) are used at length L. By default (--same_docs=True) every length scores
-the very same tokens: those of the documents long enough for the largest length, so that the only
-thing that changes along a curve is the context, not the text. --same_docs=False lets each length
-use every document long enough for it instead (more text at short lengths, but then a curve mixes
-the effect of the context with that of different documents). --max_docs and --max_tokens_per_length
-bound the cost, deterministically: documents are taken in the split's order, and the token budget
-is shared evenly among them, each document contributing its first tokens (at least one full window
-of the largest length). How many documents and tokens each length used is printed and saved.
-Cost: each window is a full forward pass of L tokens that scores only S of them, so a length costs
-about (scored tokens / S) * (cost of an L-token forward pass). On a laptop CPU, lower
---max_tokens_per_length or the largest length first; on a GPU, raise them.
+Intervals: each perplexity, each ratio to the first length and each difference between two models
+gets a 95% interval from a paired bootstrap over documents (--bootstrap resamples; the same draws
+for every model and length). With fewer than 10 documents they understate the variance between
+books, and the output says so. Tune on --split=validation, report on --split=test.
+
+--protocol=sliding is the older protocol, kept to compare with published numbers that used it
+(Press et al. 2021; YaRN's and the TAPA paper's scripts): each document is read in windows of L
+tokens that move forward --stride tokens at a time, each scoring the tokens it adds, the first
+window of a document all of its tokens, from the document's first bytes. Its caveats: a document's
+front matter is scored, at stride >= L a token has on average only L/2 of context, and first
+windows (with less context than L) are a large part of what long lengths score. --same_docs picks
+the same documents at every length or not (see sliding_windows() and select_documents()).
+
+Budget: --max_docs and --max_tokens_per_length bound the cost, deterministically (documents in the
+split's order, spans dealt to them in turn). Each scored span or window is a full forward pass of L
+tokens, so a length costs about (scored tokens / span) forward passes of L tokens. On a laptop CPU,
+lower --max_tokens_per_length or the largest length first; on a GPU, raise them.
 
 Inference-time context extension (no fine-tuning) is an override of the checkpoint's config:
 --rope_scaling={pi,ntk,dynamic_ntk,yarn,none} --rope_factor=s --rope_base=5e5 (ABF); they apply to
@@ -73,7 +81,12 @@ data_dir = ''                # default: data/<dataset>/<tokenizer> from the (fir
 split = 'validation'
 lengths = ''                 # comma-separated context lengths; '' = dyadic, trained length .. max_factor x it
 max_factor = 16              # the default lengths go up to max_factor times the trained context
-stride = 256                 # S of the sliding window (capped at L); stride = L gives back-to-back chunks
+protocol = 'spans'           # 'spans' (the same scored spans at every length, see above) or 'sliding'
+skip = -1                    # spans: each document's first tokens are never scored (front matter); -1 = 20,000
+                             # bytes or 5,000 GPT-2 tokens
+span = 0                     # spans: scored tokens per span; 0 = a quarter of the shortest length
+bootstrap = 1000             # resamples of the documents for the 95% intervals (0 = no intervals)
+stride = 256                 # sliding: S of the sliding window (capped at L); stride = L gives back-to-back chunks
 same_docs = True             # score the same tokens at every length (see above)
 max_docs = 0                 # use at most this many documents per length (0 = all that are long enough)
 max_tokens_per_length = 32768  # scored tokens per length and checkpoint (0 = everything): bounds the cost
@@ -92,7 +105,8 @@ quiet = False                # no progress bars
 def default_config():
     """This script's config keys and their default values (the globals above)."""
     g = globals()
-    return {k: g[k] for k in ('ckpt', 'labels', 'data_dir', 'split', 'lengths', 'max_factor', 'stride',
+    return {k: g[k] for k in ('ckpt', 'labels', 'data_dir', 'split', 'lengths', 'max_factor', 'protocol', 'skip',
+                              'span', 'bootstrap', 'stride',
                               'same_docs', 'max_docs', 'max_tokens_per_length', 'batch_tokens', 'out', 'device', 'dtype',
                               'attn_impl', 'rope_scaling', 'rope_factor', 'rope_base', 'quiet')}
 
@@ -183,17 +197,55 @@ def select_documents(doc_lengths, L, max_docs=0, max_tokens=0):
     return [(int(i), int(min(doc_lengths[i], per_doc + 1))) for i in eligible[:n]]
 
 
+SKIP = {'byte': 20000, 'gpt2': 5000}  # tokens: about 20 KB of text, past a PG-19 book's front matter
+
+
+def select_spans(doc_lengths, first, span, max_docs=0, max_tokens=0):
+    """The scored spans of the 'spans' protocol, chosen once for every length: a list of (document,
+    start), each span scoring the tokens start+1 .. start+span, start >= first (first = max(skip, the
+    longest length): past the front matter, and with room for a whole window of every length before
+    it). A document takes as many spans as fit after `first`, spread evenly through it (each in an
+    equal slice of what follows `first`); with a budget of max_tokens scored tokens, the spans are
+    dealt to the documents in turn, so every document gets its share. Documents with no room for one
+    span are left out of every length, and returned, not dropped silently: (spans, too_short)."""
+    if span < 1:
+        raise ValueError(f"span={span} must be at least 1")
+    room = [(i, (int(n) - 1 - first) // span) for i, n in enumerate(doc_lengths)]  # spans that fit
+    usable = [(i, r) for i, r in room if r >= 1]
+    too_short = [i for i, r in room if r < 1]
+    if max_docs:
+        usable = usable[:max_docs]
+    budget = max_tokens // span if max_tokens else sum(r for _, r in usable)
+    take = dict.fromkeys((i for i, _ in usable), 0)
+    while budget > 0 and any(take[i] < r for i, r in usable):
+        for i, r in usable:  # one more span for each document that has room, in turn
+            if budget > 0 and take[i] < r:
+                take[i], budget = take[i] + 1, budget - 1
+    spans = []
+    for i, _ in usable:
+        slot = (int(doc_lengths[i]) - 1 - first) // max(take[i], 1)  # >= span, as take[i] <= room
+        spans += [(i, first + j * slot) for j in range(take[i])]
+    return spans, too_short
+
+
+def span_windows(spans, L, span):
+    """The window of each span at length L, as sliding_windows gives them: (document, (start, end,
+    score_from)): the model reads tokens[end-L:end] and the last `span` outputs are scored, the first
+    of them with L-span+1 tokens of context, the last with L."""
+    return [(d, (s + span - L, s + span, s)) for d, s in spans]
+
+
 @torch.no_grad()
-def sliding_window_nll(model, docs, L, S, batch_size=1, autocast=nullcontext(), progress=None, head_rows=1024):
-    """Sum of -log p(token | its window's context) over all scored tokens of docs (a list of 1-D int
-    arrays), at context length L and stride S. Returns dict(nll, tokens, windows, first_window_tokens).
+def score_windows(model, docs, jobs, batch_size=1, autocast=nullcontext(), progress=None, head_rows=1024):
+    """-log p(token | its window's context), summed per document over the scored outputs of jobs, a
+    list of (document index into docs, (start, end, score_from)). Returns dict(nll, tokens: arrays of
+    one entry per document, first_window_tokens).
 
     The transformer runs on whole windows (B, L), but the output layer (n_embd x vocab) only on the
     scored positions, head_rows at a time: at L = 16k, the logits of a whole GPT-2-vocab window would
     take 16k * 50k * 4 bytes = 3.3 GB, of which a stride of 256 scores 1/64."""
     dev = next(model.parameters()).device
-    jobs = [(d, w) for d, doc in enumerate(docs) for w in sliding_windows(len(doc), L, S)]
-    total = dict(nll=0.0, tokens=0, windows=len(jobs), first_window_tokens=0)
+    total = dict(nll=np.zeros(len(docs)), tokens=np.zeros(len(docs), dtype=np.int64), first_window_tokens=0)
     i = 0
     while i < len(jobs):
         # a batch: consecutive windows of the same length (all are L long unless a document is shorter)
@@ -210,15 +262,27 @@ def sliding_window_nll(model, docs, L, S, batch_size=1, autocast=nullcontext(), 
         rows = torch.cat([h[b, f - s:] for b, (d, (s, e, f)) in enumerate(batch)])
         targets = torch.cat([torch.from_numpy(np.asarray(docs[d][f + 1:e + 1], dtype=np.int64))
                              for d, (s, e, f) in batch]).to(dev)
+        owner = np.concatenate([np.full(e - f, d) for d, (s, e, f) in batch])  # each row's document
         for r in range(0, rows.size(0), head_rows):
             with autocast:
                 logits = model.lm_head(rows[r:r + head_rows])
-            total['nll'] += F.cross_entropy(logits.float(), targets[r:r + head_rows], reduction='sum').item()
-        total['tokens'] += targets.numel()
+            nll = F.cross_entropy(logits.float(), targets[r:r + head_rows], reduction='none').double().cpu().numpy()
+            np.add.at(total['nll'], owner[r:r + head_rows], nll)
+        np.add.at(total['tokens'], owner, 1)
         total['first_window_tokens'] += sum(e - f for d, (s, e, f) in batch if s == 0 and f == 0)
         if progress is not None:
             progress.update(targets.numel())
     return total
+
+
+def sliding_window_nll(model, docs, L, S, batch_size=1, autocast=nullcontext(), progress=None, head_rows=1024):
+    """The 'sliding' protocol: the sum of -log p(token | its window's context) over every scored token
+    of docs (1-D int arrays) at context length L and stride S (sliding_windows). Returns dict(nll,
+    tokens, windows, first_window_tokens, doc_nll, doc_tokens: the sums per document)."""
+    jobs = [(d, w) for d, doc in enumerate(docs) for w in sliding_windows(len(doc), L, S)]
+    r = score_windows(model, docs, jobs, batch_size, autocast, progress, head_rows)
+    return dict(nll=float(r['nll'].sum()), tokens=int(r['tokens'].sum()), windows=len(jobs),
+                first_window_tokens=r['first_window_tokens'], doc_nll=r['nll'], doc_tokens=r['tokens'])
 
 
 # -----------------------------------------------------------------------------
@@ -369,17 +433,39 @@ def fmt_ppl(v):
     return f'{v:.3f}' if v < 100 else f'{v:.1f}' if v < 1e5 else f'{v:.3g}'
 
 
+def fmt_ci(ci, fmt=fmt_ppl):
+    return f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ''
+
+
 def markdown_table(results):
+    """Perplexity per model and length (with its 95% interval), the ratio to the first length, the
+    differences between models, and what was scored."""
     lengths = results['lengths']
-    lines = ['| model | trained | ' + ' | '.join(str(L) for L in lengths) + ' |',
-             '|---|---:|' + '---:|' * len(lengths)]
+    head = ['| model | trained | ' + ' | '.join(str(L) for L in lengths) + ' |', '|---|---:|' + '---:|' * len(lengths)]
+    lines = list(head)
     for m in results['models']:
-        cells = [fmt_ppl(m['results'][str(L)]['ppl']) for L in lengths]
+        cells = [fmt_ppl(m['results'][str(L)]['ppl']) + fmt_ci(m['results'][str(L)].get('ci')) for L in lengths]
         lines.append(f"| {m['label']} | {m['trained_block_size']} | " + ' | '.join(cells) + ' |')
-    lines += ['', '| length | stride | docs | scored tokens | windows |', '|---:|---:|---:|---:|---:|']
+    if 'bootstrap' in results:
+        lines += ['', f"ratio to the first length, 95% intervals from {results['bootstrap']['resamples']} paired "
+                      f"resamples of the {results['bootstrap']['documents']} documents:", ''] + head
+        for m in results['models']:
+            cells = [f"{r['ratio']:.3f}" + fmt_ci(r.get('ratio_ci'), lambda v: f'{v:.3f}') if 'ratio' in r else 'n/a'
+                     for r in (m['results'][str(L)] for L in lengths)]
+            lines.append(f"| {m['label']} | {m['trained_block_size']} | " + ' | '.join(cells) + ' |')
+        if results['differences']:
+            lines += ['', '| difference in perplexity | length | a - b | 95% interval |', '|---|---:|---:|---:|']
+            lines += [f"| {d['a']} - {d['b']} | {d['length']} | {d['diff']:.3f} |"
+                      f"{fmt_ci(d['ci'], lambda v: f'{v:.3f}')} |" for d in results['differences']]
+    what = 'span' if results.get('protocol') == 'spans' else 'stride'
+    lines += ['', f'| length | {what} | docs | scored tokens | windows |', '|---:|---:|---:|---:|---:|']
     for L in lengths:
         d = results['data_per_length'][str(L)]
-        lines.append(f"| {L} | {d['stride']} | {d['docs']} | {d['tokens']} | {d['windows']} |")
+        lines.append(f"| {L} | {results['span'] if what == 'span' else d['stride']} | {d['docs']} | {d['tokens']} "
+                     f"| {d['windows']} |")
+    if results.get('protocol') == 'spans':
+        lines.append(f"\n{results['documents']} documents scored, {results['too_short']} too short for the longest "
+                     f"length after skipping {results['skip']} tokens (left out of every length).")
     return '\n'.join(lines)
 
 
@@ -394,15 +480,23 @@ def write_outputs(results, prefix, log=print):
     with open(prefix + '.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['label', 'ckpt', 'pos_encoding', 'trained_block_size', 'length', 'stride',
-                    'ppl', 'loss', 'docs', 'tokens', 'windows', 'seconds'])
+                    'ppl', 'ppl_lo', 'ppl_hi', 'ratio', 'ratio_lo', 'ratio_hi', 'loss', 'docs', 'tokens', 'windows',
+                    'seconds'])
         for m in results['models']:
             for L in results['lengths']:
                 r = m['results'][str(L)]
                 na = r['ppl'] is None
+                ci, rci = r.get('ci') or ['', ''], r.get('ratio_ci') or ['', '']
                 w.writerow([m['label'], m['ckpt'], m['pos_encoding'], m['trained_block_size'], L, r['stride'],
-                            'n/a' if na else r['ppl'], 'n/a' if na else r['loss'],
+                            'n/a' if na else r['ppl'], *ci, r.get('ratio', ''), *rci, 'n/a' if na else r['loss'],
                             r['docs'], r['tokens'], r['windows'], r['seconds']])
     written.append(prefix + '.csv')
+    if results.get('differences'):  # model a minus model b, on the same documents
+        with open(prefix + '.differences.csv', 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['a', 'b', 'length', 'ppl_a_minus_b', 'lo', 'hi'])
+            w.writerows([d['a'], d['b'], d['length'], d['diff'], *d['ci']] for d in results['differences'])
+        written.append(prefix + '.differences.csv')
     with open(prefix + '.md', 'w') as f:
         f.write(markdown_table(results) + '\n')
     written.append(prefix + '.md')
@@ -423,7 +517,11 @@ def plot(results, path, log=print):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in results['models']:
         xs = [L for L in results['lengths'] if m['results'][str(L)]['ppl'] is not None]
-        ax.plot(xs, [m['results'][str(L)]['ppl'] for L in xs], marker='o', label=m['label'])
+        line, = ax.plot(xs, [m['results'][str(L)]['ppl'] for L in xs], marker='o', label=m['label'])
+        bands = [L for L in xs if m['results'][str(L)].get('ci')]
+        if bands:  # the 95% interval over documents
+            lo_hi = zip(*(m['results'][str(L)]['ci'] for L in bands))
+            ax.fill_between(bands, *lo_hi, color=line.get_color(), alpha=0.2)
     for t in sorted({m['trained_block_size'] for m in results['models']}):
         ax.axvline(t, color='gray', linestyle='--', linewidth=1)
         ax.text(t, 1.0, f' trained {t}', transform=ax.get_xaxis_transform(), va='top', fontsize=8, color='gray')
@@ -435,7 +533,9 @@ def plot(results, path, log=print):
         ax.set_yscale('log')  # an exploding perplexity spans orders of magnitude
     ax.set_xlabel('context length L (tokens)')
     ax.set_ylabel('perplexity')
-    ax.set_title(f"{results['split']} perplexity, sliding window (stride {results['stride']})")
+    how = (f"the same {results['span']}-token spans at every length" if results.get('protocol') == 'spans'
+           else f"sliding window (stride {results['stride']})")
+    ax.set_title(f"{results['split']} perplexity, {how}")
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -460,6 +560,11 @@ def evaluate(config, log=print):
     for key in ('max_factor', 'stride', 'batch_tokens'):
         if config[key] < 1:
             raise ValueError(f"--{key}={config[key]} must be >= 1")
+    if config['protocol'] not in ('spans', 'sliding'):
+        raise ValueError(f"--protocol={config['protocol']}: use 'spans' (the default) or 'sliding'")
+    for key, low in (('skip', -1), ('span', 0), ('bootstrap', 0)):
+        if config[key] < low:
+            raise ValueError(f"--{key}={config[key]} must be >= {low}")
     paths = [resolve_ckpt_path(p.strip()) for p in str(config['ckpt']).split(',') if p.strip()]
     if not paths:
         raise ValueError("--ckpt is empty: pass out_dir(s) or ckpt.pt path(s), comma-separated")
@@ -483,63 +588,127 @@ def evaluate(config, log=print):
     for name, m in zip(names, models):  # which implementation each model's attention runs
         log(f"{name}: {fast_attention.describe(m['model'], dev, getattr(autocast, 'fast_dtype', torch.float32))}")
 
-    # the documents of each length depend only on the data, the same for every checkpoint
+    # what is scored depends only on the data, the same for every checkpoint
     budget = (config['max_docs'], config['max_tokens_per_length'])
-    if config['same_docs']:
-        # the same tokens at every length: chosen for the longest length some document can fill
-        reachable = [L for L in Ls if np.any(doc_lengths >= L + 1)]
-        common = select_documents(doc_lengths, max(reachable), *budget) if reachable else []
-        selection = {L: common if L in reachable else [] for L in Ls}
-        if reachable:
-            log(f"scoring the same {len(common)} documents ({sum(n - 1 for _, n in common):,} tokens) at every "
-                f"length up to {max(reachable)} (--same_docs=False uses all documents long enough for each length)")
-    else:
-        selection = {L: select_documents(doc_lengths, L, *budget) for L in Ls}
-    results = dict(split=config['split'], data_dir=data_dir, stride=config['stride'], lengths=Ls,
-                   config=dict(config), data_per_length={}, models=[])
+    results = dict(split=config['split'], data_dir=data_dir, protocol=config['protocol'], stride=config['stride'],
+                   lengths=Ls, config=dict(config), data_per_length={}, models=[])
+    if config['protocol'] == 'spans':
+        span = config['span'] or max(1, min(Ls) // 4)
+        skip = SKIP.get(meta['tokenizer'], 5000) if config['skip'] < 0 else config['skip']
+        first = max(skip, max(Ls))
+        if span > min(Ls):
+            raise ValueError(f"--span={span} is longer than the shortest length {min(Ls)}")
+        spans, too_short = select_spans(doc_lengths, first, span, *budget)
+        used = sorted({d for d, _ in spans})
+        results.update(span=span, skip=skip, documents=len(used), too_short=len(too_short),
+                       too_short_tokens=int(sum(doc_lengths[i] for i in too_short)))
+        log(f"spans: {len(spans)} spans of {span} tokens in {len(used)} documents, each at least {first:,} tokens "
+            f"in (skip {skip:,}), scored at every length; {len(too_short)} documents ({results['too_short_tokens']:,} "
+            f"tokens) are too short and left out of every length")
+        position = {d: j for j, d in enumerate(used)}
+        selection = {L: span_windows([(position[d], st) for d, st in spans], L, span) for L in Ls}
+        doc_ids = used
+    else:  # 'sliding': the old protocol (as YaRN's and the TAPA paper's scripts score)
+        if config['same_docs']:
+            # the same tokens at every length: chosen for the longest length some document can fill
+            reachable = [L for L in Ls if np.any(doc_lengths >= L + 1)]
+            common = select_documents(doc_lengths, max(reachable), *budget) if reachable else []
+            chosen = {L: common if L in reachable else [] for L in Ls}
+            if reachable:
+                log(f"scoring the same {len(common)} documents ({sum(n - 1 for _, n in common):,} tokens) at every "
+                    f"length up to {max(reachable)} (--same_docs=False uses all documents long enough for each length)")
+        else:
+            chosen = {L: select_documents(doc_lengths, L, *budget) for L in Ls}
+        doc_ids = sorted({i for docs in chosen.values() for i, _ in docs})
+        position = {d: j for j, d in enumerate(doc_ids)}
+        selection = {L: [(position[i], w) for i, n in chosen[L]
+                         for w in sliding_windows(n, L, min(config['stride'], L))] for L in Ls}
+    docs = [tokens[offsets[i]:offsets[i + 1]] for i in doc_ids]
     for L in Ls:
-        S = min(config['stride'], L)
-        docs = selection[L]
-        n_windows = sum(len(sliding_windows(n, L, S)) for _, n in docs)
-        results['data_per_length'][str(L)] = dict(stride=S, docs=len(docs), tokens=sum(n - 1 for _, n in docs),
-                                                  windows=n_windows, doc_ids=[i for i, _ in docs])
-        if not docs:
-            log(f"note: no {config['split']} document has {L + 1} tokens; length {L} is skipped")
+        jobs = selection[L]
+        used_docs = sorted({d for d, _ in jobs})
+        results['data_per_length'][str(L)] = dict(
+            stride=min(config['stride'], L), docs=len(used_docs), windows=len(jobs),
+            tokens=sum(e - f for _, (s, e, f) in jobs), doc_ids=[doc_ids[d] for d in used_docs])
+        if not jobs:
+            log(f"note: no {config['split']} document has room for length {L}; it is skipped")
+    if len(doc_ids) < 10 and config['bootstrap']:
+        log(f"note: {len(doc_ids)} documents: the intervals, resampling documents, understate the variance "
+            f"between books (10 or more give them meaning)")
 
+    per_doc = {}  # (model number, L) -> (nll, tokens) per document: what the bootstrap resamples
     for m, label in zip(models, names):
         model, cfg = m['model'], m['model'].config
         model.to(dev)
         entry = dict(label=label, ckpt=m['path'], pos_encoding=cfg.pos_encoding, trained_block_size=m['trained'],
                      model_args=dict(vars(cfg)), results={})
         for L in Ls:
-            S = min(config['stride'], L)
-            docs = selection[L]
+            jobs = selection[L]
             na = None
             if cfg.pos_encoding == 'learned' and L > cfg.block_size:
                 na = f'learned position embeddings stop at {cfg.block_size}'
-            elif not docs:
-                na = f'no document of {L + 1} tokens'
+            elif not jobs:
+                na = f'no document has room for length {L}'
             if na:
-                entry['results'][str(L)] = dict(ppl=None, loss=None, stride=S, docs=0, tokens=0, windows=0,
-                                                seconds=0.0, note=na)
+                entry['results'][str(L)] = dict(ppl=None, loss=None, stride=min(config['stride'], L), docs=0, tokens=0,
+                                                windows=0, seconds=0.0, note=na)
                 log(f"{label:>24} L={L:>6}: n/a ({na})")
                 continue
-            arrays = [tokens[offsets[i]:offsets[i] + n] for i, n in docs]
-            bar = tqdm(total=sum(n - 1 for _, n in docs), desc=f'{label} L={L}', unit='tok',
-                       disable=config['quiet'], leave=False)
+            n_scored = results['data_per_length'][str(L)]['tokens']
+            bar = tqdm(total=n_scored, desc=f'{label} L={L}', unit='tok', disable=config['quiet'], leave=False)
             t0 = time.time()
-            r = sliding_window_nll(model, arrays, L, S, max(1, config['batch_tokens'] // L), autocast, bar)
+            r = score_windows(model, docs, jobs, max(1, config['batch_tokens'] // L), autocast, bar)
             bar.close()
-            loss = r['nll'] / r['tokens']
-            entry['results'][str(L)] = dict(ppl=math.exp(min(loss, 700.0)), loss=loss, stride=S, docs=len(docs),
-                                            tokens=r['tokens'], windows=r['windows'],
-                                            first_window_tokens=r['first_window_tokens'],
+            loss = float(r['nll'].sum() / r['tokens'].sum())
+            per_doc[(len(results['models']), L)] = (r['nll'], r['tokens'])
+            entry['results'][str(L)] = dict(ppl=math.exp(min(loss, 700.0)), loss=loss, stride=min(config['stride'], L),
+                                            docs=int((r['tokens'] > 0).sum()), tokens=int(r['tokens'].sum()),
+                                            windows=len(jobs), first_window_tokens=r['first_window_tokens'],
                                             seconds=round(time.time() - t0, 3))
             log(f"{label:>24} L={L:>6}: loss {loss:.4f} ppl {fmt_ppl(math.exp(min(loss, 700.0)))} "
-                f"({len(docs)} docs, {r['tokens']} tokens, {r['windows']} windows, {time.time() - t0:.1f}s)")
+                f"({entry['results'][str(L)]['docs']} docs, {n_scored} tokens, {len(jobs)} windows, "
+                f"{time.time() - t0:.1f}s)")
         model.to('cpu')
         results['models'].append(entry)
+    if config['bootstrap']:
+        add_intervals(results, per_doc, config['bootstrap'])
     return results
+
+
+def add_intervals(results, per_doc, n_resamples, seed=0):
+    """95% intervals from a paired bootstrap over documents: n_resamples times, draw as many documents
+    as were scored, with replacement, and recompute every perplexity from their sums. The same draws
+    serve every model and length, so a ratio to the first length and a difference between two models
+    come from the same documents on both sides (paired). Adds ci, ratio, ratio_ci to each result and a
+    'differences' list of (a, b, L, ppl_a - ppl_b, ci)."""
+    if not per_doc:
+        return
+    n_docs = len(next(iter(per_doc.values()))[0])
+    draws = np.random.default_rng(seed).integers(0, n_docs, size=(n_resamples, n_docs))
+
+    def resampled(key):  # the perplexity of every resample
+        nll, tok = per_doc[key]
+        return np.exp(np.minimum(nll[draws].sum(1) / np.maximum(tok[draws].sum(1), 1), 700.0))
+
+    def interval(x):
+        return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+    boot = {key: resampled(key) for key in per_doc}
+    results['bootstrap'] = dict(resamples=n_resamples, documents=n_docs, seed=seed)
+    results['differences'] = []
+    for i, m in enumerate(results['models']):
+        ok = [L for L in results['lengths'] if (i, L) in boot]
+        for L in ok:
+            r = m['results'][str(L)]
+            r['ci'] = interval(boot[(i, L)])
+            r['ratio'] = r['ppl'] / m['results'][str(ok[0])]['ppl']
+            r['ratio_ci'] = interval(boot[(i, L)] / boot[(i, ok[0])])
+        for j in range(i + 1, len(results['models'])):
+            for L in ok:
+                if (j, L) in boot:
+                    b = results['models'][j]
+                    diff = m['results'][str(L)]['ppl'] - b['results'][str(L)]['ppl']
+                    results['differences'].append(dict(a=m['label'], b=b['label'], length=L, diff=diff,
+                                                       ci=interval(boot[(i, L)] - boot[(j, L)])))
 
 
 def main(argv):

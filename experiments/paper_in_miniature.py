@@ -341,7 +341,7 @@ def main(argv):
 
         # 3. zero-shot evaluation, and RoPE with inference-time extension (no fine-tuning)
         common = [f'--lengths={",".join(map(str, Ls))}', f'--max_tokens_per_length={cfg["max_tokens_per_length"]}',
-                  f'--stride={cfg["stride"]}', '--quiet=True'] + data
+                  f'--stride={cfg["stride"]}', '--protocol=sliding', '--quiet=True'] + data  # the README's table
         evals = [('eval_zeroshot', [py, 'eval_ppl.py', f'--ckpt={",".join(ck(pe) for pe in pes)}',
                                     f'--labels={",".join(LABELS[pe] for pe in pes)}', f'--out={ev("zeroshot")}'] + common),
                  ('eval_zeroshot_rope_yarn', [py, 'eval_ppl.py', f'--ckpt={ck("rope")}', '--rope_scaling=yarn',

@@ -214,7 +214,7 @@ def test_eval_ppl_writes_table_json_csv_and_reports_learned_beyond_its_context(t
     prefix = str(tmp_path / 'results' / 'ppl')
     eval_ppl.main([f'--ckpt={a},{b},{c}/ckpt.pt', '--lengths=8,16', '--stride=4', f'--data_dir={data_dir}',
                    f'--out={prefix}', '--quiet=True', '--device=cpu', '--max_tokens_per_length=0',
-                   '--rope_scaling=yarn', '--rope_factor=2', f'--same_docs={same_docs}'])
+                   '--rope_scaling=yarn', '--rope_factor=2', f'--same_docs={same_docs}', '--protocol=sliding'])
     stdout = capsys.readouterr().out
 
     with open(prefix + '.json') as f:
@@ -463,3 +463,99 @@ def test_help_prints_usage_and_settings(capsys, script, first_line, setting, fla
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert first_line in out and 'settings and their defaults:' in out and setting in out
+
+
+# ---------------------------------------------------------------------------
+# the 'spans' protocol: the same spans at every length, past the front matter, with full context
+
+
+def test_spans_are_past_the_skip_spread_and_dealt_in_turns():
+    doc_lengths = [1000, 300, 50, 601]
+    first, span = 100, 20
+    spans, too_short = eval_ppl.select_spans(doc_lengths, first, span)
+    assert too_short == [2]  # 50 tokens: no room after 100, reported rather than dropped
+    for d in (0, 1, 3):
+        starts = sorted(s for i, s in spans if i == d)
+        room = (doc_lengths[d] - 1 - first) // span
+        assert len(starts) == room  # no budget: every span that fits
+        slot = (doc_lengths[d] - 1 - first) // room
+        assert starts == [first + j * slot for j in range(room)]  # one per equal slice, none overlapping
+        assert starts[-1] + span <= doc_lengths[d] - 1  # the last scored token exists
+    # a budget of 5 spans, dealt to the 3 usable documents in turn: 2, 2, 1
+    spans, _ = eval_ppl.select_spans(doc_lengths, first, span, max_tokens=5 * span)
+    assert [[i for i, _ in spans].count(d) for d in (0, 1, 3)] == [2, 2, 1]
+    spans, _ = eval_ppl.select_spans(doc_lengths, first, span, max_docs=1)
+    assert {i for i, _ in spans} == {0}
+
+
+class ContextCounter(torch.nn.Module):
+    """A stub language model with a known loss: at every position it gives the next token (data here
+    counts up by one) probability c / (c + V - 1), c = the number of tokens it has seen in its window.
+    So a token's loss tells exactly how much context it was scored with."""
+
+    def __init__(self, V=16):
+        super().__init__()
+        self.V = V
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def hidden(self, x):  # (B, T) -> (B, T, 2): the token and its context length
+        c = torch.arange(1, x.size(1) + 1, dtype=torch.float32).expand(x.size(0), -1)
+        return torch.stack((x.float(), c), dim=-1)
+
+    def lm_head(self, h):
+        logits = torch.zeros(h.size(0), self.V)
+        logits[torch.arange(h.size(0)), (h[:, 0].long() + 1) % self.V] = torch.log(h[:, 1])
+        return logits
+
+
+def test_every_scored_token_has_the_context_the_protocol_promises():
+    V, span, first = 16, 8, 64
+    docs = [np.arange(n) % V for n in (200, 150)]
+    spans, _ = eval_ppl.select_spans([len(d) for d in docs], first, span)
+    model = ContextCounter(V)
+    scored = None
+    for L in (16, 32, 64):
+        jobs = eval_ppl.span_windows(spans, L, span)
+        assert all(e - s == L and e - f == span for _, (s, e, f) in jobs)
+        targets = sorted((d, f + 1 + j) for d, (s, e, f) in jobs for j in range(span))
+        assert scored is None or targets == scored  # the same tokens at every length
+        scored = targets
+        r = eval_ppl.score_windows(model, docs, jobs, batch_size=3)
+        # by hand: the j-th scored token of a span was seen with L - span + 1 + j tokens of context
+        per_span = sum(-math.log(c / (c + V - 1)) for c in range(L - span + 1, L + 1))
+        for d in range(len(docs)):
+            n = sum(1 for i, _ in spans if i == d)
+            assert r['tokens'][d] == n * span
+            assert r['nll'][d] == pytest.approx(n * per_span, rel=1e-6)
+
+
+def test_eval_ppl_spans_report_intervals_ratios_differences_and_short_documents(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    doc_lengths = [400, 300, 20, 250]  # the third cannot hold a span after skip + the longest length
+    data_dir = write_split(str(tmp_path / 'data'), [rng.integers(1, 256, n) for n in doc_lengths])
+    a = save_checkpoint(tiny_gpt('tapa'), str(tmp_path / 'out-a'))
+    b = save_checkpoint(tiny_gpt('tapa'), str(tmp_path / 'out-b'))  # the same model twice
+    prefix = str(tmp_path / 'results' / 'ppl')
+    eval_ppl.main([f'--ckpt={a},{b}', '--labels=a,b', '--lengths=8,16,32', '--skip=40', f'--data_dir={data_dir}',
+                   f'--out={prefix}', '--quiet=True', '--device=cpu', '--max_tokens_per_length=0',
+                   '--bootstrap=200'])
+    out = capsys.readouterr().out
+    with open(prefix + '.json') as f:
+        res = json.load(f)
+    assert res['protocol'] == 'spans' and res['span'] == 2 and res['skip'] == 40
+    assert res['documents'] == 3 and res['too_short'] == 1 and res['too_short_tokens'] == 21
+    assert '1 too short for the longest length' in out and 'understate the variance' in out
+    tokens = {res['data_per_length'][str(L)]['tokens'] for L in (8, 16, 32)}
+    assert len(tokens) == 1  # the same scored tokens at every length
+    for m in res['models']:
+        for L in ('8', '16', '32'):
+            r = m['results'][L]
+            assert r['ci'][0] <= r['ppl'] <= r['ci'][1]
+            assert r['ratio_ci'][0] <= r['ratio'] <= r['ratio_ci'][1]
+        assert m['results']['8']['ratio'] == 1.0 and m['results']['8']['ratio_ci'] == [1.0, 1.0]
+    for d in res['differences']:  # identical models on identical documents: exactly no difference
+        assert d['a'] == 'a' and d['b'] == 'b' and d['diff'] == 0.0 and d['ci'] == [0.0, 0.0]
+    with open(prefix + '.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(float(r['ppl_lo']) <= float(r['ppl']) <= float(r['ppl_hi']) for r in rows)
+    assert os.path.exists(prefix + '.differences.csv')

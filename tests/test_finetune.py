@@ -180,6 +180,7 @@ def test_eval_ppl_applies_the_recorded_extension(tmp_path, pretrained, data_dir)
                      for k, v in ckpt['model'].items()}
     torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
     config = {**eval_ppl.default_config(), 'ckpt': out, 'lengths': '64', 'stride': 64, 'max_docs': 1,
+              'protocol': 'sliding',
               'max_tokens_per_length': 64, 'quiet': True, 'out': str(tmp_path / 'ppl'),
               'device': 'cpu'}  # as the float32 CPU computation below (a GPU would evaluate in bfloat16)
     results = eval_ppl.evaluate(config, log=lambda *a: None)

@@ -39,7 +39,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False          # biases in Linears and LayerNorms (GPT-2: True; a bit better and faster: False)
-    pos_encoding: str = 'tapa'  # a key of PE_TABLE: 'tapa', 'rope', 'alibi', 'nope' or 'learned'
+    pos_encoding: str = 'tapa'  # a key of PE_TABLE: tapa, rope, alibi, nope, learned, sinusoidal, t5, kerple, xpos
     # TAPA (Eq. 12): score = amplitude * cos(2*pi * |m-n|^alpha * phase)
     tapa_alpha: float = 0.1           # distance exponent alpha
     tapa_theta: float = 0.5           # fraction of the head dim that forms the amplitude part
@@ -126,6 +126,18 @@ def extend_learned(model, block_size, interpolate_learned=False):
     model.transformer.wpe.weight.data.copy_(new)
 
 
+# Sinusoidal (Vaswani et al. 2017, Sec. 3.5): x_m = token_emb(t_m) + PE(m), then NoPE's attention, with
+#   PE(m, 2i) = sin(m / 10000^(2i/d)),  PE(m, 2i+1) = cos(m / 10000^(2i/d)),   d = n_embd.
+# Computed, not learned: it exists at every position, yet the model never saw the angles of the positions
+# past block_size, which is why it does not extrapolate either. Vaswani et al. multiply the token
+# embeddings by sqrt(d) (Sec. 3.4) so that tokens and positions are of one size; here the embeddings
+# are GPT-2's (std 0.02, tied to the output layer), so the sinusoids are scaled down to that size instead.
+def sinusoidal_embedding(params, pos, cfg):  # (T, n_embd)
+    i = torch.arange(0, cfg.n_embd, 2, device=pos.q.device) / cfg.n_embd  # 2i/d
+    angle = pos.q[:, None].float() / 10000.0 ** i  # (T, d/2)
+    return 0.02 * torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)  # dims 2i (sin), 2i+1 (cos)
+
+
 # ALiBi (Press et al. 2021, Sec. 3): score = q_m.k_n / sqrt(D) - slope_h * (m - n): a linear distance penalty.
 def alibi_slopes(n_head):
     """2^(-8/n), 2^(-16/n), ... for n heads (n a power of 2); other head counts take those of the next
@@ -150,6 +162,41 @@ class ALiBiSlopes(nn.Module):  # the fixed slopes as a buffer: they follow the m
     def __init__(self, cfg):
         super().__init__()
         self.register_buffer('slopes', alibi_slopes(cfg.n_head), persistent=False)
+
+
+# T5 (Raffel et al. 2020, Sec. 2.1): score = q_m.k_n / sqrt(D) + b_h[bucket(m - n)], a learned bias per
+# head and distance bucket, shared by all layers. A decoder sees m - n >= 0 only: 32 one-sided buckets,
+# exact for distances 0..15, then log-spaced up to 128; farther keys share the last bucket, which is
+# all a longer context needs. (Mesh TF's T5 folds 1/sqrt(D) into its init; here it stays explicit.)
+def t5_bucket(distance, num_buckets=32, max_distance=128):
+    exact = num_buckets // 2
+    log_spaced = exact + (torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                          * (num_buckets - exact)).long()
+    return torch.where(distance < exact, distance, log_spaced.clamp(max=num_buckets - 1))
+
+
+def attend_t5(q, k, v, pos, params, cfg):
+    bias = params(t5_bucket((pos.q[:, None] - pos.k[None, :]).clamp(min=0)))  # (Tq, Tk, H)
+    return fast(dot_product_attention, cfg)(q, k, v, bias.permute(2, 0, 1))
+
+
+# Kerple, log variant (Chi et al. 2022, Eq. 10): score = q_m.k_n / sqrt(D) - r1_h * log(1 + r2_h * |m - n|),
+# r1, r2 > 0 learned per head and layer: ALiBi's straight line bent into a log, its slope learned. The
+# authors' code clamps r1, r2 at 0.01 after each step; a softplus keeps them positive with no hook:
+# r = softplus(raw), raw initialized so that r1 ~ U(0.01, 2) and r2 ~ U(0.01, 1) as in their code.
+class KerpleParams(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        def inverse_softplus(r):
+            return r + torch.log(-torch.expm1(-r))
+        self.raw_r1 = nn.Parameter(inverse_softplus(torch.rand(cfg.n_head) * 1.99 + 0.01))
+        self.raw_r2 = nn.Parameter(inverse_softplus(torch.rand(cfg.n_head) * 0.99 + 0.01))
+
+
+def attend_kerple(q, k, v, pos, params, cfg):
+    distance = (pos.q[:, None] - pos.k[None, :]).clamp(min=0).float()  # (Tq, Tk)
+    r1, r2 = (F.softplus(r)[:, None, None] for r in (params.raw_r1, params.raw_r2))  # (H, 1, 1)
+    return fast(dot_product_attention, cfg)(q, k, v, -r1 * torch.log1p(r2 * distance))
 
 
 # -----------------------------------------------------------------------------
@@ -261,6 +308,27 @@ def check_rope(cfg):
 
 def extend_rope(model, block_size, **_):  # remember the pretraining context: PI, NTK, YaRN scale by it
     model.config.rope_original_block_size = model.config.rope_original_block_size or model.config.block_size
+
+
+# xPos (Sun et al. 2022, Sec. 3): RoPE times an exponential decay of distance. Pair i of q_m is also
+# scaled by zeta_i^(m/gamma) and of k_n by zeta_i^(-n/gamma), zeta_i = (2i/D + 0.4) / 1.4, gamma = 512,
+# so that q.k gains zeta_i^((m-n)/gamma) <= 1: far keys count less, low frequencies decay the most.
+# Only m - n matters, so positions are counted from the middle of this forward's keys: at 16x the
+# training length zeta^(n/gamma) alone would overflow float16 (and float32 past ~70k tokens).
+XPOS_GAMMA = 512
+
+
+def attend_xpos(q, k, v, pos, params, cfg):
+    cos, sin = pos.tables
+    D, center = q.size(-1), len(pos.k) // 2
+    if q.dtype == torch.float16 and (len(pos.k) - center) / XPOS_GAMMA * math.log(1.4 / 0.4) > math.log(6e4):
+        raise ValueError(f"xpos: {len(pos.k)} positions overflow float16's range in the decay: use bfloat16")
+    zeta = (torch.arange(0, D, 2, device=q.device) / D + 0.4) / 1.4  # (D/2,)
+    q_scale = zeta ** ((pos.q - center)[:, None] / XPOS_GAMMA)       # (Tq, D/2)
+    k_scale = zeta ** (-(pos.k - center)[:, None] / XPOS_GAMMA)      # (Tk, D/2)
+    q = apply_rope(q, cos[pos.q] * q_scale, sin[pos.q] * q_scale)    # (scaling cos and sin scales the pair)
+    k = apply_rope(k, cos[pos.k] * k_scale, sin[pos.k] * k_scale)
+    return fast(dot_product_attention, cfg)(q, k, v)
 
 
 # -----------------------------------------------------------------------------
@@ -398,6 +466,10 @@ PE_TABLE = {  # TAPA first: the method this codebase is about
     'nope': PositionalEncoding(attend_nope),
     'learned': PositionalEncoding(attend_nope, params=lambda cfg: nn.Embedding(cfg.block_size, cfg.n_embd),
                                   embed=learned_embedding, extend=extend_learned),
+    'sinusoidal': PositionalEncoding(attend_nope, embed=sinusoidal_embedding),
+    't5': PositionalEncoding(attend_t5, params=lambda cfg: nn.Embedding(32, cfg.n_head)),
+    'kerple': PositionalEncoding(attend_kerple, params=KerpleParams, shared=False),
+    'xpos': PositionalEncoding(attend_xpos, tables=rope_cos_sin, check=check_rope, extend=extend_rope),
 }
 
 
@@ -504,7 +576,7 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):  # by default without position embeddings (tokens' count: tied)
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and PE_TABLE[self.config.pos_encoding].embed:
+        if non_embedding and PE_TABLE[self.config.pos_encoding].embed and 'wpe' in self.transformer:
             n_params -= sum(p.numel() for p in self.transformer.wpe.parameters())
         return n_params
 

@@ -16,7 +16,7 @@ from model import GPT, GPTConfig, alibi_slopes, apply_rope, rope_frequencies  # 
 
 torch.set_num_threads(1)
 
-PES = ['tapa', 'rope', 'alibi', 'nope', 'learned']
+PES = ['tapa', 'rope', 'alibi', 'nope', 'learned', 'sinusoidal', 't5', 'kerple', 'xpos']
 
 
 def tiny_config(**kw):
@@ -225,7 +225,7 @@ def test_bad_alpha_is_rejected(alpha):
 
 def test_bad_names_are_rejected():
     with pytest.raises(ValueError, match='pos_encoding'):
-        GPT(tiny_config(pos_encoding='sinusoidal'))
+        GPT(tiny_config(pos_encoding='sinusodial'))
     with pytest.raises(ValueError, match='tapa_phase'):
         GPT(tiny_config(tapa_phase='cubic'))
     with pytest.raises(ValueError, match='rope_scaling'):
@@ -442,7 +442,7 @@ def test_generate_with_cache_matches_greedy_without_cache():
     assert torch.equal(out, idx)
 
 
-@pytest.mark.parametrize('pe', ['tapa', 'rope', 'alibi', 'nope'])
+@pytest.mark.parametrize('pe', [pe for pe in PES if pe != 'learned'])
 def test_non_learned_encodings_run_past_block_size(pe):
     model = GPT(tiny_config(pos_encoding=pe, block_size=16)).eval()
     idx = torch.randint(0, 61, (1, 40))

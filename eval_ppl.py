@@ -6,7 +6,8 @@ least) that much context before it. RoPE's slowly rotating dims reach angles nev
 past the trained length, and its long-context family (PI, NTK, YaRN, a larger base) changes those
 angles; TAPA has no per-dimension angle to leave its range. Whether a curve stays flat is what the
 numbers say, not an assumption: in the tiny byte-level models of docs/long_context.md (zero-shot,
-1x to 16x), RoPE's perplexity grew 2.5x, TAPA's (small-model setting) 1.6x, ALiBi's stayed flat.
+1x to 16x, the older sliding protocol), RoPE's perplexity grew 2.5x, TAPA's (small-model setting)
+1.6x, ALiBi's stayed flat.
 
     python eval_ppl.py --ckpt=out-tapa,out-rope
     python eval_ppl.py --ckpt=out-rope --rope_scaling=yarn --rope_factor=16 --out=out-rope/ppl_yarn16
@@ -14,8 +15,8 @@ numbers say, not an assumption: in the tiny byte-level models of docs/long_conte
 
 --ckpt takes out_dirs or paths to ckpt.pt files, comma-separated. The result is a markdown table on
 stdout (rows = checkpoints, columns = context lengths) and, next to the --out prefix (default
-<first out_dir>/ppl), the same table as .md, every number as .json and .csv, and a plot as .png
-(when matplotlib is installed).
+<first out_dir>/ppl), the same table as .md, every number as .json and .csv (the differences between
+models as .differences.csv), and a plot as .png (when matplotlib is installed).
 
 The protocol (--protocol=spans, the default). Scored spans are chosen once, then scored at every
 length: spans of `span` tokens (default a quarter of the shortest length), spread evenly through
@@ -82,18 +83,18 @@ split = 'validation'
 lengths = ''                 # comma-separated context lengths; '' = dyadic, trained length .. max_factor x it
 max_factor = 16              # the default lengths go up to max_factor times the trained context
 protocol = 'spans'           # 'spans' (the same scored spans at every length, see above) or 'sliding'
-skip = -1                    # spans: each document's first tokens are never scored (front matter); -1 = 20,000
-                             # bytes or 5,000 GPT-2 tokens
+skip = -1                    # spans: each document's first tokens are never scored; -1 = PG-19's front matter:
+                             # 20,000 bytes or 5,000 GPT-2 tokens on pg19, 0 on other datasets
 span = 0                     # spans: scored tokens per span; 0 = a quarter of the shortest length
 bootstrap = 1000             # resamples of the documents for the 95% intervals (0 = no intervals)
 stride = 256                 # sliding: S of the sliding window (capped at L); stride = L gives back-to-back chunks
-same_docs = True             # score the same tokens at every length (see above)
+same_docs = True             # sliding: score the same tokens at every length (see above)
 max_docs = 0                 # use at most this many documents per length (0 = all that are long enough)
 max_tokens_per_length = 32768  # scored tokens per length and checkpoint (0 = everything): bounds the cost
 batch_tokens = 16384         # windows per batch = max(1, batch_tokens // L)
 out = ''                     # output prefix; '' = <first out_dir>/ppl -> ppl.json, ppl.csv, ppl.md, ppl.png
 device = 'auto'              # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'               # 'auto' (bfloat16 autocast on CUDA, else float32), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'               # 'auto' (bfloat16 autocast on CUDA, float16 before Ampere, else float32), ...
 attn_impl = 'auto'           # 'auto', 'naive', 'chunked', 'triton' (overrides the checkpoint's)
 rope_scaling = 'keep'        # 'keep' the checkpoint's, or 'none', 'pi', 'ntk', 'dynamic_ntk', 'yarn'
 rope_factor = 0.0            # 0 = keep the checkpoint's
@@ -594,10 +595,14 @@ def evaluate(config, log=print):
                    lengths=Ls, config=dict(config), data_per_length={}, models=[])
     if config['protocol'] == 'spans':
         span = config['span'] or max(1, min(Ls) // 4)
-        skip = SKIP.get(meta['tokenizer'], 5000) if config['skip'] < 0 else config['skip']
+        front_matter = SKIP.get(meta['tokenizer'], 5000) if meta.get('dataset') == 'pg19' else 0
+        skip = config['skip'] if config['skip'] >= 0 else front_matter
         first = max(skip, max(Ls))
         if span > min(Ls):
             raise ValueError(f"--span={span} is longer than the shortest length {min(Ls)}")
+        if 0 < config['max_tokens_per_length'] < span:
+            raise ValueError(f"--max_tokens_per_length={config['max_tokens_per_length']} is less than one span of {span} "
+                             f"tokens: nothing would be scored")
         spans, too_short = select_spans(doc_lengths, first, span, *budget)
         used = sorted({d for d, _ in spans})
         results.update(span=span, skip=skip, documents=len(used), too_short=len(too_short),
@@ -683,17 +688,22 @@ def add_intervals(results, per_doc, n_resamples, seed=0):
     'differences' list of (a, b, L, ppl_a - ppl_b, ci)."""
     if not per_doc:
         return
-    n_docs = len(next(iter(per_doc.values()))[0])
-    draws = np.random.default_rng(seed).integers(0, n_docs, size=(n_resamples, n_docs))
+    rng = np.random.default_rng(seed)
+    # paired only where every model and length scored the same documents ('sliding' with
+    # --same_docs=False scores others at each length): then each cell resamples its own documents
+    used = [tok > 0 for _, tok in per_doc.values()]
+    paired = all(np.array_equal(u, used[0]) for u in used)
+    draws = rng.choice(np.flatnonzero(used[0]), size=(n_resamples, int(used[0].sum())))
 
     def resampled(key):  # the perplexity of every resample
         nll, tok = per_doc[key]
-        return np.exp(np.minimum(nll[draws].sum(1) / np.maximum(tok[draws].sum(1), 1), 700.0))
+        d = draws if paired else rng.choice(np.flatnonzero(tok > 0), size=(n_resamples, int((tok > 0).sum())))
+        return np.exp(np.minimum(nll[d].sum(1) / np.maximum(tok[d].sum(1), 1), 700.0))
 
     def interval(x):
         return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
     boot = {key: resampled(key) for key in per_doc}
-    results['bootstrap'] = dict(resamples=n_resamples, documents=n_docs, seed=seed)
+    results['bootstrap'] = dict(resamples=n_resamples, documents=int(used[0].sum()), seed=seed, paired=paired)
     results['differences'] = []
     for i, m in enumerate(results['models']):
         ok = [L for L in results['lengths'] if (i, L) in boot]
@@ -701,8 +711,8 @@ def add_intervals(results, per_doc, n_resamples, seed=0):
             r = m['results'][str(L)]
             r['ci'] = interval(boot[(i, L)])
             r['ratio'] = r['ppl'] / m['results'][str(ok[0])]['ppl']
-            r['ratio_ci'] = interval(boot[(i, L)] / boot[(i, ok[0])])
-        for j in range(i + 1, len(results['models'])):
+            r['ratio_ci'] = interval(boot[(i, L)] / boot[(i, ok[0])]) if paired else None
+        for j in range(i + 1, len(results['models']) if paired else 0):
             for L in ok:
                 if (j, L) in boot:
                     b = results['models'][j]

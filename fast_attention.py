@@ -40,7 +40,8 @@ from model import autocast_off, causal_mask, tapa_split
 # last checked against the fast paths (python fast_attention.py prints them as they are now)
 REFERENCES = {
     'dot_product_attention': ('dot_product_attention', 'causal_mask'),
-    'tapa_attention': ('tapa_attention', 'tapa_scores', 'tapa_distance_weight', 'tapa_split', 'causal_mask'),
+    'tapa_attention': ('tapa_attention', 'tapa_scores', 'tapa_distance_weight', 'tapa_split', 'causal_mask',
+                       'autocast_off'),
 }
 FINGERPRINTS = {
     'dot_product_attention': '0c45bd7c6c114766',
@@ -49,6 +50,7 @@ FINGERPRINTS = {
     'tapa_scores': '92c990f9aa384380',
     'tapa_distance_weight': 'ff47f5fb6d95fb9a',
     'tapa_split': '8a5a5d4576ae1982',
+    'autocast_off': '1aa46449e9534f35',
 }
 NAIVE_SCORES = 128 * 128  # TAPA: up to this many scores per head the reference itself is fastest
 
@@ -119,8 +121,9 @@ def implementation(reference, cfg):
         return reference
     if name is None:  # a function without a fast path (e.g. one of your own): it runs as it is
         return reference
-    if changed_functions(name):
-        return functools.partial(reference_in_blocks, reference)
+    changed = changed_functions(name)
+    if changed:  # in query blocks only while the mask is the causal one the blocks rely on
+        return functools.partial(reference_in_blocks, reference, block=None if 'causal_mask' in changed else 128)
     if name == 'dot_product_attention':
         return sdpa_attention
     return functools.partial(tapa_attention, impl=cfg.attn_impl)
@@ -132,7 +135,7 @@ def reference_in_blocks(reference, q, k, v, *args, block=128):
     positions, so a block of them is one too against the keys up to its last query; an argument
     shaped (..., Tq, Tk) (a bias) is cut the same way."""
     Tq, Tk = q.size(-2), k.size(-2)
-    if Tq <= block or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if block is None or Tq <= block or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return reference(q, k, v, *args)
     out = []
     for i0 in range(0, Tq, block):
@@ -218,6 +221,8 @@ def tapa_attention(q, k, v, alpha, theta, phase='quadratic', impl='auto', chunk_
     if Tq > Tk:
         raise ValueError(f"tapa_attention: {Tq} queries but only {Tk} keys; queries must be the last Tq positions")
     d_amp, _ = tapa_split(q.size(-1), theta)
+    if phase not in ('quadratic', 'linear'):
+        raise ValueError(f"tapa_attention: phase={phase!r} must be 'quadratic' or 'linear'")
     impl = pick_tapa_impl(impl, q.device, Tq, Tk, q.size(-1), q.dtype)
     if impl == 'naive':
         return model.tapa_attention(q, k, v, alpha, theta, phase)

@@ -38,6 +38,7 @@ same tokens per step as pretraining (batch_size shrinks as the windows grow). Ev
 given is otherwise taken from the pretrained run (data, tokenizer, betas, grad_clip, device...).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -102,11 +103,11 @@ def change_context(model, block_size, interpolate_learned=False, **pe_overrides)
     unknown = [key for key in pe_overrides if not hasattr(cfg, key)]
     if unknown:
         raise ValueError(f"change_context: unknown config field {unknown[0]!r}")
+    check_config(dataclasses.replace(cfg, **pe_overrides))  # before anything changes: no half-changed model
     if pe.extend:
         pe.extend(model, block_size, interpolate_learned=interpolate_learned)
     for key, value in pe_overrides.items():
         setattr(cfg, key, value)
-    check_config(cfg)
     cfg.block_size = block_size
 
 

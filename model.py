@@ -8,7 +8,7 @@ needs of each; the transformer, nanoGPT-shaped.
 
 This file is the reference. Faster implementations of the same math (SDPA, a chunked and a fused
 TAPA) live in fast_attention.py and tapa_triton.py and run only while the functions here that they
-reproduce are unchanged: edit anything here and your edit runs (a one-line notice says so).
+reproduce are unchanged: edit one of those and your edit runs (a one-line notice says so).
 
 References: nanoGPT (github.com/karpathy/nanoGPT); RoPE: Su et al. 2021 (arXiv 2104.09864); PI:
 Chen et al. 2023 (2306.15595); NTK: bloc97 2023 (reddit/LocalLLaMA); YaRN: Peng et al. 2023
@@ -454,7 +454,7 @@ class PositionalEncoding:
     params: Optional[Callable] = None  # params(cfg) -> nn.Module of the encoding's own weights or buffers
     shared: bool = True                # one params module for the whole model (transformer.wpe), or one per layer
     embed: Optional[Callable] = None   # embed(params, pos, cfg) -> (T, n_embd), added to the token embeddings
-    tables: Optional[Callable] = None  # tables(cfg, head_dim, seq_len, device): made once per forward, for every layer
+    tables: Optional[Callable] = None  # tables(cfg, head_dim, seq_len, device): shared by every layer (cached)
     check: Optional[Callable] = None   # check(cfg): raise ValueError on settings that cannot work
     extend: Optional[Callable] = None  # extend(model, block_size, **options): before the context grows
 
@@ -513,7 +513,7 @@ class CausalSelfAttention(nn.Module):
             if 'k' in cache:
                 k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
             cache['k'], cache['v'] = k, v
-        params = self.pe if self.pe is not None else shared_pe  # the one place where the PE enters:
+        params = self.pe if self.pe is not None else shared_pe  # where the PE enters the attention:
         y = PE_TABLE[self.config.pos_encoding].attend(q, k, v, pos, params, self.config)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -625,8 +625,9 @@ class GPT(nn.Module):
 
     def set_tapa_phase_ramp(self, ramp):
         """TAPA's phi times tapa_phase_scale * ramp (train.py's tapa_phase_warmup_iters; 1 after it)."""
-        if self.config.pos_encoding == 'tapa':
-            self.transformer.wpe.set_factor(self.config.tapa_phase_scale * ramp)
+        for module in self.modules():  # the shared one, or one per layer in a variant's table entry
+            if isinstance(module, TAPAPhaseScale):
+                module.set_factor(self.config.tapa_phase_scale * ramp)
 
     def new_kv_cache(self):  # one dict per layer, filled with the keys and values seen so far
         return [{} for _ in range(self.config.n_layer)]

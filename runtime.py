@@ -1,5 +1,5 @@
 """
-What train.py, finetune_long.py, sample.py, eval_ppl.py and eval_passkey.py share, so that each
+What train.py, finetune_long.py, sample.py, eval_ppl.py, eval_passkey.py and viz_bias.py share, so that each
 policy exists once: which device and precision a run uses, and how checkpoints are written, checked
 and read back (everything needed to continue a run as if it had never stopped).
 """
@@ -341,10 +341,11 @@ def lock_out_dir(out_dir):
         f.close()
         raise TrainError(f"{out_dir} is in use by another run ({holder}): wait for it to finish, or pass "
                          f"another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
+    with os_errors('write the lock file', path):
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
     return f
 
 

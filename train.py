@@ -290,7 +290,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         raise ConfigError(f"gradient_accumulation_steps={gas} is the number of micro-batches of a step in all "
                           f"processes together: it must be a multiple of the {world_size} processes")
     master = rank == 0  # only it prints, logs and writes checkpoints
-    say = print if master else (lambda *args, **kwargs: None)
+    say = tqdm.write if master else (lambda *args, **kwargs: None)  # (tqdm.write: the progress bar stays whole)
     dtype = pick_dtype(cfg.dtype, device)
     ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
 
@@ -305,13 +305,18 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         torch.backends.cudnn.allow_tf32 = True
     autocast = autocast_for(device, dtype)  # mixed precision on GPUs (runtime.py: one policy for every script)
 
+    if world_size > 1 and not master:  # rank 0 prepares pycode on first use, alone; the others wait for it
+        dist.barrier()
     data_dir, meta, paths, lengths = find_data(cfg)
+    if world_size > 1 and master:
+        dist.barrier()
     # GPT-2's 50257 tokens padded up to a multiple of 64 (50304): faster matmuls, the extra rows go unused
     vocab_size = -(-meta['vocab_size'] // 64) * 64
     if checkpoint is not None:  # its vocab_size too (the other architecture settings are in cfg already)
         vocab_size = checkpoint['model_args']['vocab_size']
     if model is None:
         model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=vocab_size))
+    model.config.activation_checkpointing = cfg.activation_checkpointing  # (a given model takes this run's)
     if rank > 0:  # the same initial weights everywhere (seed above), but each rank its own dropout masks
         torch.manual_seed(cfg.seed + rank)
     if model.config.vocab_size < meta['vocab_size']:
@@ -369,15 +374,15 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     if resumed and iter_num >= cfg.max_iters and not cfg.eval_only:
         say(f"the checkpoint is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to do (raise --max_iters)")
     writes = master and not cfg.eval_only
+    if writes:
+        with os_errors('create the folder', out_dir):
+            os.makedirs(out_dir, exist_ok=True)
+    lock = lock_out_dir(out_dir) if writes else None  # one run per out_dir, released on any exit
     wandb = None
     if writes and cfg.wandb_log:
         import wandb  # (check_settings made sure it is there)
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
                    config=dict(cfg))
-    if writes:
-        with os_errors('create the folder', out_dir):
-            os.makedirs(out_dir, exist_ok=True)
-    lock = lock_out_dir(out_dir) if writes else None  # one run per out_dir, released on any exit
     bar = tqdm(total=cfg.max_iters, initial=min(iter_num, cfg.max_iters), unit='it', dynamic_ncols=True,
                mininterval=0.5, disable=not master)
     try:
@@ -478,6 +483,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                                 f"at iter {saved_iter}, with --init_from=resume (same --out_dir)") from None
     finally:
         bar.close()
+        if wandb is not None:
+            wandb.finish()
         if lock is not None:
             lock.close()
     if world_size > 1:  # DDP's reducer holds the process group: freed after it, its destructor hangs

@@ -304,15 +304,15 @@ def fit_loglog_slope(x, y, yerr=None):
 # =============================================================================
 # Part 3. Scores out of a trained checkpoint
 #
-# The attention block computes q, k, v = c_attn(x) and then applies its positional encoding inside
-# attend(). A forward hook on every block.attn.c_attn catches q, k, v; we then re-apply the
-# positional encoding with the model's own functions, which gives the pre-softmax scores the model
-# used (tests/test_viz.py checks softmax(scores) @ v against the block's real output).
+# The attention block computes q, k, v = c_attn(x), then its encoding's attention function from
+# model.PE_TABLE. A forward hook on every block.attn.c_attn catches q, k, v; running that same function
+# with v = identity gives the attention probabilities, and their log the pre-softmax scores up to a
+# constant per query (tests/test_viz.py checks softmax(scores) @ v against the block's real output).
 
 
 def load_checkpoint(path, device='cpu'):
     """(model in eval mode, checkpoint dict) from an out_dir or a ckpt.pt path, as eval_ppl.py takes
-    them. Read by train.py's own loader, which explains a missing, truncated or mismatched file;
+    them. Read by runtime.py's loader, which explains a missing, truncated or mismatched file;
     only the model is needed here, so a checkpoint without optimizer state is fine."""
     try:
         dev = runtime.pick_device(device)

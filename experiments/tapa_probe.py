@@ -153,13 +153,6 @@ def variant_attend(s, d_amp, d_phase):
     return attend
 
 
-def set_phase_ramp(model, ramp):
-    """model.set_tapa_phase_ramp, for the shared phase scale and the variants' per-layer ones alike."""
-    for module in model.modules():
-        if isinstance(module, M.TAPAPhaseScale):
-            module.set_factor(model.config.tapa_phase_scale * ramp)
-
-
 def build(s):
     vocab_size = read_meta(s['data_dir'])['vocab_size']  # 256 for bytes, 50257 for GPT-2 BPE
     cfg = M.GPTConfig(n_layer=4, n_head=s['n_head'], n_embd=128, block_size=s['block_size'], vocab_size=vocab_size, bias=s['bias'],
@@ -217,7 +210,7 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = lr_at(it)
         if s['phase_warmup']:
-            set_phase_ramp(model, min(1.0, (it + 1) / s['phase_warmup']))
+            model.set_tapa_phase_ramp(min(1.0, (it + 1) / s['phase_warmup']))
         x, y = batch(train_tokens, torch.randint(len(train_tokens) - T - 1, (B,), generator=batches).numpy(), T)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +229,7 @@ def main():
             print(f"{s['name']} iter {it + 1}: train loss {np.mean(losses[-100:]):.3f} ({time.time() - t0:.0f}s)", flush=True)
 
     model.eval()
-    set_phase_ramp(model, 1.0)
+    model.set_tapa_phase_ramp(1.0)
     val_loss = {}
     windows = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -559,3 +559,17 @@ def test_eval_ppl_spans_report_intervals_ratios_differences_and_short_documents(
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and all(float(r['ppl_lo']) <= float(r['ppl']) <= float(r['ppl_hi']) for r in rows)
     assert os.path.exists(prefix + '.differences.csv')
+
+
+def test_spans_budget_below_one_span_and_skip_outside_pg19(tmp_path):
+    rng = np.random.default_rng(0)
+    data_dir = write_split(str(tmp_path / 'data'), [rng.integers(1, 256, 300) for _ in range(3)])
+    a = save_checkpoint(tiny_gpt('tapa'), str(tmp_path / 'out'))
+    base = [f'--ckpt={a}', f'--data_dir={data_dir}', '--lengths=8,16', '--quiet=True', '--device=cpu',
+            f'--out={tmp_path}/ppl']
+    with pytest.raises(SystemExit, match=r'--max_tokens_per_length=1 is less than one span of 2 tokens'):
+        eval_ppl.main(base + ['--max_tokens_per_length=1'])
+    eval_ppl.main(base + ['--bootstrap=0'])
+    with open(f'{tmp_path}/ppl.json') as f:
+        res = json.load(f)
+    assert res['skip'] == 0 and res['documents'] == 3  # 'toy' data: no front matter to skip (pg19 only)

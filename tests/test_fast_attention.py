@@ -180,3 +180,23 @@ def test_dispatch_traces_under_torch_compile():
         compiled = torch.compile(gpt, backend='eager', fullgraph=True)
         idx = torch.randint(0, 61, (2, 40))
         torch.testing.assert_close(compiled(idx, targets=idx)[1], gpt(idx, targets=idx)[1])
+
+
+def test_an_edited_mask_is_never_cut_into_query_blocks(monkeypatch, capsys):
+    """Query blocks rely on causality: with the mask edited (here: one key ahead visible), evaluation
+    runs the whole reference, or blocks would silently compute something else than training does."""
+    real_mask = model.causal_mask
+
+    def one_ahead(Tq, Tk, device):
+        return real_mask(Tq, Tk + 1, device)[:, 1:]
+    monkeypatch.setattr(model, 'causal_mask', one_ahead)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    with torch.no_grad():
+        got = fast_attention.implementation(model.tapa_attention, tiny())(q, k, v, 0.1, 0.5, 'quadratic')
+        torch.testing.assert_close(got, model.tapa_attention(q, k, v, 0.1, 0.5), rtol=0, atol=0)
+    assert 'model.causal_mask differs' in capsys.readouterr().err
+
+
+def test_autocast_off_is_part_of_what_tapa_reproduces():
+    assert 'autocast_off' in fast_attention.REFERENCES['tapa_attention']

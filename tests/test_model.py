@@ -536,3 +536,22 @@ def test_phase_scale_equals_scaling_the_phase_projection_rows(phase):
 def test_bad_phase_scale_is_rejected(scale):
     with pytest.raises(ValueError, match='tapa_phase_scale'):
         GPT(tiny_config(tapa_phase_scale=scale))
+
+
+def test_the_phase_ramp_reaches_per_layer_phase_scales(monkeypatch):
+    """A TAPA variant whose table entry keeps one phase-scale module per layer (as tapa_probe.py's
+    does) is ramped like the shared one."""
+    import dataclasses
+    import model as model_module
+    monkeypatch.setitem(model_module.PE_TABLE, 'tapa', dataclasses.replace(model_module.PE_TABLE['tapa'], shared=False))
+    gpt = GPT(tiny_config(tapa_phase_scale=0.5))
+    gpt.set_tapa_phase_ramp(0.5)
+    assert [b.attn.pe.dim_scale[-1].item() for b in gpt.transformer.h] == [0.25, 0.25]
+
+
+def test_change_context_refuses_a_bad_override_before_changing_anything():
+    model = GPT(tiny_config(pos_encoding='rope'))
+    before = dict(vars(model.config))
+    with pytest.raises(ValueError, match='rope_factor'):
+        change_context(model, 64, rope_scaling='yarn', rope_factor=0.5)
+    assert vars(model.config) == before  # rope_original_block_size not recorded, block_size unchanged

@@ -157,9 +157,7 @@ def describe(model_, device, dtype=torch.float32):
     x = torch.zeros(1, H, 2, D, device=where)
     pos = model.Positions(q=torch.arange(2, device=where), k=torch.arange(2, device=where),
                           tables=model_.pe_tables(2, where))
-    params = model_.transformer.h[0].attn.pe
-    if params is None and 'wpe' in model_.transformer:
-        params = model_.transformer.wpe
+    params = model_.pe_params(0)
     _asked = []
     try:
         with torch.no_grad():

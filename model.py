@@ -580,6 +580,10 @@ class GPT(nn.Module):
             n_params -= sum(p.numel() for p in self.transformer.wpe.parameters())
         return n_params
 
+    def pe_params(self, layer):  # the encoding's module for this layer: its own, or the model-wide one
+        own = self.transformer.h[layer].attn.pe
+        return own if own is not None else self.transformer.wpe if 'wpe' in self.transformer else None
+
     def pe_tables(self, seq_len, device):
         """The encoding's tables for positions 0..seq_len-1 (RoPE: cos and sin), or None; made for a
         power-of-two length (dynamic NTK: the length itself), rebuilt when that, device or config change."""

@@ -359,9 +359,7 @@ def pre_softmax_scores(model, layer, q, k):
     B, H, T, _ = q.shape
     positions = torch.arange(T, device=q.device)
     pos = Positions(q=positions, k=positions, tables=model.pe_tables(T, q.device))
-    params = model.transformer.h[layer].attn.pe
-    if params is None and 'wpe' in model.transformer:
-        params = model.transformer.wpe
+    params = model.pe_params(layer)
     identity = torch.eye(T, dtype=torch.float64, device=q.device).expand(B, H, T, T)
     with torch.no_grad():
         probs = PE_TABLE[cfg.pos_encoding].attend(q.double(), k.double(), identity, pos, params, cfg)

@@ -44,7 +44,7 @@ REFERENCES = {
                        'autocast_off'),
 }
 FINGERPRINTS = {
-    'dot_product_attention': '0c45bd7c6c114766',
+    'dot_product_attention': '0991e816063681d2',
     'causal_mask': '0d4c1c12196d99e1',
     'tapa_attention': '9261bc3302783b30',
     'tapa_scores': '92c990f9aa384380',
@@ -132,18 +132,14 @@ def implementation(reference, cfg):
 def reference_in_blocks(reference, q, k, v, *args, block=128):
     """reference(q, k, v, *args), by blocks of `block` queries when no gradient is wanted (so that a
     long evaluation needs (block x Tk) scores at a time, not (Tq x Tk)). The queries are the last Tq
-    positions, so a block of them is one too against the keys up to its last query; an argument
-    shaped (..., Tq, Tk) (a bias) is cut the same way."""
+    positions, so a block of them is one too against the keys up to its last query (a bias is a
+    function of those two lengths: see model.dot_product_attention)."""
     Tq, Tk = q.size(-2), k.size(-2)
     if block is None or Tq <= block or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return reference(q, k, v, *args)
-    out = []
-    for i0 in range(0, Tq, block):
-        i1, end = min(i0 + block, Tq), Tk - Tq + min(i0 + block, Tq)
-        cut = [a[..., i0:i1, :end] if torch.is_tensor(a) and a.dim() >= 2 and a.shape[-2:] == (Tq, Tk) else a
-               for a in args]
-        out.append(reference(q[..., i0:i1, :], k[..., :end, :], v[..., :end, :], *cut))
-    return torch.cat(out, dim=-2)
+    ends = [(i0, min(i0 + block, Tq), Tk - Tq + min(i0 + block, Tq)) for i0 in range(0, Tq, block)]
+    return torch.cat([reference(q[..., i0:i1, :], k[..., :end, :], v[..., :end, :], *args) for i0, i1, end in ends],
+                     dim=-2)
 
 
 def describe(model_, device, dtype=torch.float32):
@@ -195,15 +191,23 @@ def _rule(name, cfg, device, dtype, head_dim):
 # dot-product attention: PyTorch's fused kernels
 
 
-def sdpa_attention(q, k, v, bias=None):
+def sdpa_attention(q, k, v, bias=None, max_bias=2**24):
     """model.dot_product_attention by torch's scaled_dot_product_attention (FlashAttention or a
-    memory-efficient kernel where the device has one): no (Tq, Tk) scores in memory."""
+    memory-efficient kernel where the device has one): no (Tq, Tk) scores in memory. An additive bias
+    (ALiBi, T5, Kerple) must be passed to SDPA whole, so it is made a block of queries at a time, each
+    block against the keys up to its last query, at most max_bias numbers (64 MB in float32) each:
+    its memory does not grow as T^2 either."""
     Tq, Tk = q.size(-2), k.size(-2)
     if bias is None and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    block = max(1, max_bias // (q.size(1) * Tk))  # queries per block
+    if bias is not None and block < Tq:
+        ends = [(i0, min(i0 + block, Tq), Tk - Tq + min(i0 + block, Tq)) for i0 in range(0, Tq, block)]
+        return torch.cat([sdpa_attention(q[..., i0:i1, :], k[..., :end, :], v[..., :end, :], bias, max_bias=max_bias)
+                          for i0, i1, end in ends], dim=-2)
     mask = causal_mask(Tq, Tk, q.device)  # is_causal aligns top-left, wrong for Tq < Tk (a KV cache)
     if bias is not None:
-        mask = bias.to(q.dtype).masked_fill(~mask, float('-inf'))
+        mask = bias(Tq, Tk).to(q.dtype).masked_fill(~mask, float('-inf'))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

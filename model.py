@@ -77,13 +77,20 @@ def causal_mask(Tq, Tk, device):
     return torch.arange(Tk, device=device)[None, :] <= torch.arange(Tk - Tq, Tk, device=device)[:, None]
 
 
+def distance(Tq, Tk, device):
+    """m - n for the last Tq of Tk positions (queries) against all Tk (keys), (Tq, Tk); 0 for future keys."""
+    return (torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)[None, :]).clamp(min=0)
+
+
 def dot_product_attention(q, k, v, bias=None):
     """softmax(q.k / sqrt(D) + bias, causal) @ v: the attention of NoPE, learned, RoPE (q, k rotated)
-    and ALiBi (bias), with the (Tq, Tk) scores in memory so you can read it (SDPA is the fast path)."""
+    and the additive biases, with the (Tq, Tk) scores in memory so you can read it (SDPA is the fast
+    path). bias: a function (Tq, Tk) -> (H, Tq, Tk) for the last Tq of Tk positions, so that a fast
+    path can make it a block of queries at a time instead of all at once."""
     Tq, Tk = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     if bias is not None:
-        att = att + bias
+        att = att + bias(Tq, Tk)
     att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # (bfloat16 q: float32)
     return F.softmax(att.to(softmax_dtype), dim=-1).to(q.dtype) @ v
@@ -150,12 +157,11 @@ def alibi_slopes(n_head):
 
 def alibi_bias(slopes, Tq, Tk, device):
     """(H, Tq, Tk) additive bias -slope_h * (m - n) for queries at the last Tq positions."""
-    distance = (torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)[None, :])
-    return -slopes.to(device)[:, None, None] * distance.clamp(min=0).float()
+    return -slopes.to(device)[:, None, None] * distance(Tq, Tk, device).float()
 
 
 def attend_alibi(q, k, v, pos, params, cfg):
-    return fast(dot_product_attention, cfg)(q, k, v, alibi_bias(params.slopes, q.size(2), k.size(2), q.device))
+    return fast(dot_product_attention, cfg)(q, k, v, lambda Tq, Tk: alibi_bias(params.slopes, Tq, Tk, q.device))
 
 
 class ALiBiSlopes(nn.Module):  # the fixed slopes as a buffer: they follow the model to its device, unsaved
@@ -176,8 +182,9 @@ def t5_bucket(distance, num_buckets=32, max_distance=128):
 
 
 def attend_t5(q, k, v, pos, params, cfg):
-    bias = params(t5_bucket((pos.q[:, None] - pos.k[None, :]).clamp(min=0)))  # (Tq, Tk, H)
-    return fast(dot_product_attention, cfg)(q, k, v, bias.permute(2, 0, 1))
+    def bias(Tq, Tk):  # (H, Tq, Tk): the learned number of each head for each distance's bucket
+        return params(t5_bucket(distance(Tq, Tk, q.device))).permute(2, 0, 1)
+    return fast(dot_product_attention, cfg)(q, k, v, bias)
 
 
 # Kerple, log variant (Chi et al. 2022, Eq. 10): score = q_m.k_n / sqrt(D) - r1_h * log(1 + r2_h * |m - n|),
@@ -194,9 +201,8 @@ class KerpleParams(nn.Module):
 
 
 def attend_kerple(q, k, v, pos, params, cfg):
-    distance = (pos.q[:, None] - pos.k[None, :]).clamp(min=0).float()  # (Tq, Tk)
     r1, r2 = (F.softplus(r)[:, None, None] for r in (params.raw_r1, params.raw_r2))  # (H, 1, 1)
-    return fast(dot_product_attention, cfg)(q, k, v, -r1 * torch.log1p(r2 * distance))
+    return fast(dot_product_attention, cfg)(q, k, v, lambda Tq, Tk: -r1 * torch.log1p(r2 * distance(Tq, Tk, q.device)))
 
 
 # -----------------------------------------------------------------------------

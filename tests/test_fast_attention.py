@@ -142,7 +142,8 @@ def test_edited_dot_product_attention_replaces_sdpa(monkeypatch, capsys):
     with torch.no_grad():
         before = gpt(idx, targets=idx)[0]
         real = model.dot_product_attention
-        monkeypatch.setattr(model, 'dot_product_attention', lambda q, k, v, bias=None: real(q, k, v, 3 * bias))
+        monkeypatch.setattr(model, 'dot_product_attention',
+                            lambda q, k, v, bias=None: real(q, k, v, lambda Tq, Tk: 3 * bias(Tq, Tk)))
         edited = gpt(idx, targets=idx)[0]
         gpt.config.attn_impl = 'naive'
         naive = gpt(idx, targets=idx)[0]
@@ -200,3 +201,33 @@ def test_an_edited_mask_is_never_cut_into_query_blocks(monkeypatch, capsys):
 
 def test_autocast_off_is_part_of_what_tapa_reproduces():
     assert 'autocast_off' in fast_attention.REFERENCES['tapa_attention']
+
+
+@pytest.mark.parametrize('pe', ['alibi', 't5', 'kerple'])
+def test_additive_biases_are_made_a_block_of_queries_at_a_time(pe, monkeypatch):
+    """SDPA takes a bias whole: the engine asks the encoding for it a block of queries at a time,
+    each against the keys up to its last query, so it never holds an (H, T, T) bias; the result and
+    the gradients of the encoding's own parameters are those of the reference."""
+    import functools
+    T, max_bias = 200, 2 * 200 * 16  # 16 queries per block for 2 heads
+    monkeypatch.setattr(fast_attention, 'sdpa_attention', functools.partial(fast_attention.sdpa_attention,
+                                                                              max_bias=max_bias))
+    asked = []
+    real_distance = model.distance
+    def distance(Tq, Tk, device):  # every bias asks for the distances of the (Tq, Tk) it makes
+        asked.append(Tq * Tk)
+        return real_distance(Tq, Tk, device)
+    monkeypatch.setattr(model, 'distance', distance)
+    idx = torch.randint(0, 61, (1, T), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for impl in ('auto', 'naive'):
+        torch.manual_seed(0)
+        gpt = GPT(tiny(pos_encoding=pe, attn_impl=impl))
+        asked.clear()
+        _, loss = gpt(idx, targets=idx)
+        loss.backward()
+        results[impl] = (loss.item(), [p.grad.clone() for p in gpt.parameters()], max(asked))
+    assert results['auto'][2] * 2 <= max_bias < results['naive'][2] * 2  # blocks, where the reference is whole
+    assert results['auto'][0] == pytest.approx(results['naive'][0], abs=1e-5)
+    for a, b in zip(results['auto'][1], results['naive'][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

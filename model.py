@@ -318,7 +318,7 @@ def extend_rope(model, block_size, **_):  # remember the pretraining context: PI
 
 # xPos (Sun et al. 2022, Sec. 3): RoPE times an exponential decay of distance. Pair i of q_m is also
 # scaled by zeta_i^(m/gamma) and of k_n by zeta_i^(-n/gamma), zeta_i = (2i/D + 0.4) / 1.4, gamma = 512,
-# so that q.k gains zeta_i^((m-n)/gamma) <= 1: far keys count less, low frequencies decay the most.
+# so that q.k gains zeta_i^((m-n)/gamma) <= 1: far keys count less, the fast-turning pairs (small i) most.
 # Only m - n matters, so positions are counted from the middle of this forward's keys: at 16x the
 # training length zeta^(n/gamma) alone would overflow float16 (and float32 past ~70k tokens).
 XPOS_GAMMA = 512

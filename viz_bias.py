@@ -26,6 +26,10 @@ What the figures show (the derivations are in docs/positional_encodings.md):
                    rotation frequencies each of them changes.
   alibi_bias.png   ALiBi's per-head linear penalty and how far each head can see because of it.
   nope_mask.png    NoPE: no position in the score, yet the causal mask alone leaks position.
+  sinusoidal.png   the sinusoidal table PE(m, d), and PE(m).PE(n), a function of m - n alone.
+  t5_buckets.png   T5's bucket of each distance: exact to 15, log-spaced to 128, one shared beyond.
+  kerple_bias.png  Kerple's log bias -r1 log(1 + r2 (m-n)) for a few (r1, r2), next to ALiBi's lines.
+  xpos_decay.png   xPos: the decay zeta_i^((m-n)/512) of a few pairs i of dims, up to 16k tokens.
   From trained checkpoints (--ckpt), on real validation text:
   delta_hist.png   Appendix I of the paper: Delta = mean pre-softmax score over keys at distance
                    1..d_short minus mean over keys at distance >= d_long, per layer, head and query.
@@ -41,6 +45,7 @@ import dataclasses
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -49,14 +54,16 @@ from torch.nn import functional as F
 import runtime
 from configurator import ConfigError, get_overrides
 from eval_ppl import resolve_ckpt_path
-from model import (PE_TABLE, Positions, alibi_bias, alibi_slopes, apply_rope, causal_mask, dot_product_attention,
-                   rope_frequencies, tapa_distance_weight, tapa_scores, tapa_split)
+from model import (PE_TABLE, XPOS_GAMMA, KerpleParams, Positions, alibi_bias, alibi_slopes, apply_rope, causal_mask,
+                   dot_product_attention, rope_frequencies, sinusoidal_embedding, t5_bucket, tapa_distance_weight,
+                   tapa_scores, tapa_split)
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
 out_dir = 'figures'
 figures = 'all'           # 'all' or a comma list of: rope_bias, tapa_decay, rope_scaling, alibi_bias,
-                          # nope_mask, delta_hist, attention_vs_distance, attention_maps, learned_positions
+                          # nope_mask, sinusoidal, t5_buckets, kerple_bias, xpos_decay, delta_hist,
+                          # attention_vs_distance, attention_maps, learned_positions
 dpi = 80                  # figures stay small (the docs commit them)
 seed = 1337
 # synthetic queries and keys: every coordinate independent, q_i ~ N(q_mean, qk_std^2), k_i ~ N(k_mean, qk_std^2)
@@ -90,6 +97,7 @@ SETTINGS = {k: v for k, v in list(globals().items())
 # -----------------------------------------------------------------------------
 
 ALL_FIGURES = ('rope_bias', 'tapa_decay', 'rope_scaling', 'alibi_bias', 'nope_mask',
+               'sinusoidal', 't5_buckets', 'kerple_bias', 'xpos_decay',
                'delta_hist', 'attention_vs_distance', 'attention_maps', 'learned_positions')
 CKPT_FIGURES = ('delta_hist', 'attention_vs_distance', 'attention_maps', 'learned_positions')
 
@@ -700,6 +708,108 @@ def plot_nope(cfg, path):
     plt.close(fig)
 
 
+def plot_sinusoidal(cfg, path):
+    """The table PE(m, d) of model.sinusoidal_embedding, and PE(m).PE(n) against m - n for several m:
+    the curves coincide, the dot product depends on the distance only."""
+    plt = get_pyplot()
+    C, T = 128, 512
+    pe = lambda pos: sinusoidal_embedding(None, Positions(q=pos, k=pos), SimpleNamespace(n_embd=C)) / 0.02
+    table = pe(torch.arange(T))  # (T, C), in units of the 0.02 it is scaled by
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.0))
+    im = ax1.imshow(table.numpy(), aspect='auto', cmap='RdBu_r', vmin=-1, vmax=1, interpolation='nearest')
+    fig.colorbar(im, ax=ax1, fraction=0.046, label='PE(m, d) / 0.02')
+    ax1.set_xlabel('dimension d (2i: sin, 2i+1: cos)')
+    ax1.set_ylabel('position m')
+    ax1.set_title(f'sinusoidal table, d = {C}: fast dims on the left, slow on the right', fontsize=9)
+    lam = np.arange(0, 257)
+    for j, n in enumerate((0, 200, 1000, 5000)):
+        dots = (pe(torch.tensor([n]))[0] * pe(torch.from_numpy(n + lam))).sum(-1)
+        ax2.plot(lam, dots.numpy(), color=f'C{j}', lw=3.5 - j, ls=('-', '--', '-.', ':')[j], label=f'n = {n}')
+    ax2.set_xlabel('distance m - n')
+    ax2.set_ylabel('PE(m) . PE(n) / 0.02^2')
+    ax2.set_title('the dot product of two positions: the same curve\nfor every n, a function of m - n only',
+                  fontsize=9)
+    ax2.legend(fontsize=7.5, loc='upper right')
+    fig.tight_layout(w_pad=3)
+    fig.savefig(path, dpi=cfg['dpi'])
+    plt.close(fig)
+
+
+def plot_t5_buckets(cfg, path):
+    """model.t5_bucket for every distance 0..1024: exact to 15, log-spaced to 128, one bucket beyond."""
+    plt = get_pyplot()
+    d = torch.arange(0, 1025)
+    b = t5_bucket(d).numpy()
+    last = int(d[b == b.max()].min())  # the first distance of the shared last bucket
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for ax, xmax in ((ax1, 1024), (ax2, 140)):
+        ax.step(d.numpy()[:xmax + 1], b[:xmax + 1], where='post', color='C0', lw=1.2, label='t5_bucket(m - n)')
+        ax.axvline(16, color='C1', ls='--', lw=1, label='16: exact below, log-spaced above')
+        ax.axvline(128, color='C2', ls=':', lw=1.2, label='max_distance = 128')
+        ax.set_xlabel('distance m - n')
+        ax.set_ylabel('bucket (row of the bias table)')
+        ax.set_xlim(0, xmax)
+        ax.legend(fontsize=7.5, loc='lower right')
+    ax1.set_title(f'T5: 32 buckets for distances 0..1024; bucket {b.max()} holds\n'
+                  f'every distance from {last} on', fontsize=9)
+    ax2.set_title('distances 0..140: one bucket each up to 15,\nthen wider and wider', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=cfg['dpi'])
+    plt.close(fig)
+
+
+def plot_kerple_bias(cfg, path):
+    """Kerple's log bias -r1 log(1 + r2 d) through model.attend_kerple's parameters, next to ALiBi's lines."""
+    plt = get_pyplot()
+    T = 512
+    pairs = ((0.5, 0.1), (1.0, 0.1), (1.0, 1.0), (2.0, 0.5))
+    params = KerpleParams(SimpleNamespace(n_head=len(pairs)))
+    with torch.no_grad():  # set r1, r2 exactly: raw = softplus^-1(r)
+        for raw, values in ((params.raw_r1, [p[0] for p in pairs]), (params.raw_r2, [p[1] for p in pairs])):
+            r = torch.tensor(values)
+            raw.copy_(r + torch.log(-torch.expm1(-r)))
+    r1, r2 = F.softplus(params.raw_r1).detach(), F.softplus(params.raw_r2).detach()
+    dist = torch.arange(T).float()
+    kerple = -r1[:, None] * torch.log1p(r2[:, None] * dist)  # the expression of attend_kerple
+    alibi = alibi_bias(alibi_slopes(4), 1, T, 'cpu')[:, 0, :].flip(-1)  # (4, T): index = distance
+    fig, ax = plt.subplots(figsize=(8, 4.0))
+    for h, (a, b) in enumerate(pairs):
+        ax.plot(dist, kerple[h].numpy(), color=f'C{h}', lw=1.5, label=f'Kerple r1={a:g}, r2={b:g}')
+    for h in range(4):
+        ax.plot(dist, alibi[h].numpy(), color='gray', lw=1, ls='--',
+                label='ALiBi, slopes 1/4 .. 1/256 (4 heads)' if h == 0 else None)
+    ax.set_ylim(-16, 0.5)
+    ax.set_xlabel('distance m - n')
+    ax.set_ylabel('bias added to the score')
+    ax.set_title('Kerple (log): -r1 log(1 + r2 (m-n)), steep near, flat far;\nALiBi: straight lines -slope (m-n)',
+                 fontsize=9)
+    ax.legend(fontsize=7.5, loc='upper left', bbox_to_anchor=(1.02, 1))  # beside the axes, off the lines
+    fig.tight_layout()
+    fig.savefig(path, dpi=cfg['dpi'], bbox_inches='tight')  # the legend sits outside
+    plt.close(fig)
+
+
+def plot_xpos_decay(cfg, path):
+    """The factor zeta_i^((m-n)/XPOS_GAMMA) that xPos puts on pair i of q.k, for a D = 64 head."""
+    plt = get_pyplot()
+    D = 64
+    dist = np.linspace(0, 16384, 400)
+    zeta = (np.arange(0, D, 2) / D + 0.4) / 1.4  # as in model.attend_xpos
+    fig, ax = plt.subplots(figsize=(7, 4.0))
+    for j, i in enumerate((0, 8, 16, 24, 31)):
+        ax.semilogy(dist, zeta[i] ** (dist / XPOS_GAMMA), color=f'C{j}', lw=1.5,
+                    label=f'pair i={i}: zeta={zeta[i]:.3f}')
+    ax.set_ylim(1e-18, 2)
+    ax.set_xlabel('distance m - n')
+    ax.set_ylabel('zeta_i^((m-n)/512), log scale')
+    ax.set_title(f'xPos, D = {D}: the decay of each pair of q.k (gamma = {XPOS_GAMMA});\n'
+                 'pair 0 (fastest rotation) decays the most', fontsize=9)
+    ax.legend(fontsize=7.5, loc='lower left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=cfg['dpi'])
+    plt.close(fig)
+
+
 def ckpt_label(path, config):
     path = os.path.abspath(path)
     name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == 'ckpt.pt' else os.path.basename(path)
@@ -910,7 +1020,9 @@ def main(argv=None):
     os.makedirs(cfg['out_dir'], exist_ok=True)
     written = []
     for name, fn in (('rope_bias', plot_rope_bias), ('tapa_decay', plot_tapa_decay),
-                     ('rope_scaling', plot_rope_scaling), ('alibi_bias', plot_alibi), ('nope_mask', plot_nope)):
+                     ('rope_scaling', plot_rope_scaling), ('alibi_bias', plot_alibi), ('nope_mask', plot_nope),
+                     ('sinusoidal', plot_sinusoidal), ('t5_buckets', plot_t5_buckets),
+                     ('kerple_bias', plot_kerple_bias), ('xpos_decay', plot_xpos_decay)):
         if name in wanted:
             written.append(os.path.join(cfg['out_dir'], f'{name}.png'))
             fn(cfg, written[-1])

@@ -295,6 +295,8 @@ def test_figures_are_written(tmp_path):
                        '--n_seqs=2', '--map_len=24', '--dpi=40'])
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(f'{n}.png' for n in vb.ALL_FIGURES)
+    for n in ('sinusoidal', 't5_buckets', 'kerple_bias', 'xpos_decay'):  # the four course encodings' figures
+        assert f'{n}.png' in names, n
     for p in written:
         with open(p, 'rb') as f:
             assert f.read(8) == b'\x89PNG\r\n\x1a\n', p

@@ -5,6 +5,8 @@ alone and inside a whole transformer Block, at growing context lengths.
 Compared, on whatever device is present:
     rope_sdpa     RoPE + PyTorch's fused scaled_dot_product_attention: the bar to reach
     nope_sdpa     the same fused attention without any positional encoding (RoPE's own cost shows)
+    alibi_sdpa, t5_sdpa, kerple_sdpa   the additive biases on the same path (the bias made a block of
+                  queries at a time), xpos_sdpa RoPE with its decay: each encoding's model.py function
     tapa_naive    TAPA (Eq. 12) with the Tq x Tk scores materialized: the readable reference
     tapa_chunked  exact TAPA in tiles with its own backward: memory linear in T
     tapa_triton   the fused Triton kernel (only where tapa_triton.is_available())
@@ -43,7 +45,8 @@ import torch
 import fast_attention
 import model
 
-IMPLS = ['rope_sdpa', 'nope_sdpa', 'tapa_naive', 'tapa_chunked', 'tapa_triton']
+IMPLS = ['rope_sdpa', 'nope_sdpa', 'alibi_sdpa', 't5_sdpa', 'kerple_sdpa', 'xpos_sdpa', 'tapa_naive', 'tapa_chunked',
+         'tapa_triton']
 WHATS = ['attn', 'block']
 
 # -----------------------------------------------------------------------------
@@ -59,9 +62,11 @@ def make_case(what, impl, L, args, device, dtype):
                           pos_encoding=pos_encoding, attn_impl=attn_impl,
                           tapa_alpha=args.alpha, tapa_theta=args.theta, tapa_phase=args.phase)
     model.check_config(cfg)
-    rope = None
-    if pos_encoding == 'rope':
-        rope = tuple(t.to(device) for t in model.rope_cos_sin(cfg, D, L, device))
+    pe = model.PE_TABLE[pos_encoding]
+    tables = tuple(t.to(device) for t in pe.tables(cfg, D, L, device)) if pe.tables else None  # RoPE's, xPos's
+    positions = torch.arange(L, device=device)
+    pos = model.Positions(q=positions, k=positions, tables=tables)
+    params = pe.params(cfg).to(device) if pe.params else None  # ALiBi's slopes, T5's table, Kerple's r1, r2
     g = torch.Generator(device='cpu').manual_seed(0)
 
     def randn(*shape, requires_grad=False):
@@ -72,13 +77,10 @@ def make_case(what, impl, L, args, device, dtype):
         grad_out = randn(B, H, L, D)
 
         def attention(q, k, v):
-            if pos_encoding == 'rope':
-                cos, sin = rope
-                return fast_attention.sdpa_attention(model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v)
-            if pos_encoding == 'nope':
-                return fast_attention.sdpa_attention(q, k, v)
-            return fast_attention.tapa_attention(q, k, v, args.alpha, args.theta, args.phase, impl=attn_impl,
-                                        **({'chunk_size': args.chunk_size} if args.chunk_size else {}))
+            if pos_encoding == 'tapa':
+                return fast_attention.tapa_attention(q, k, v, args.alpha, args.theta, args.phase, impl=attn_impl,
+                                                     **({'chunk_size': args.chunk_size} if args.chunk_size else {}))
+            return pe.attend(q, k, v, pos, params, cfg)  # the encoding's attention function, on the SDPA path
 
         def run():
             out = attention(q, k, v)
@@ -86,17 +88,14 @@ def make_case(what, impl, L, args, device, dtype):
         return run
 
     block = model.Block(cfg).to(device, dtype)
-    pe = model.PE_TABLE[pos_encoding]
-    shared_pe = pe.params(cfg).to(device) if pe.params else None  # TAPA's phase scale (1 here)
-    positions = torch.arange(L, device=device)
-    pos = model.Positions(q=positions, k=positions, tables=rope)
-    params = list(block.parameters())
+    shared_pe = params if pe.shared else None  # (per-layer parameters are the block's own)
+    weights = list(block.parameters())
     x = randn(B, L, H * D, requires_grad=True)
     grad_out = randn(B, L, H * D)
 
     def run():
         y = block(x, pos, shared_pe)
-        torch.autograd.grad(y, [x] + params, grad_out)
+        torch.autograd.grad(y, [x] + weights, grad_out)
     return run
 
 

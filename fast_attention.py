@@ -129,17 +129,23 @@ def implementation(reference, cfg):
     return functools.partial(tapa_attention, impl=cfg.attn_impl)
 
 
+def in_query_blocks(attention, q, k, v, block, *args, **kwargs):
+    """attention(q, k, v, ...) a block of `block` queries at a time, concatenated. The queries are the
+    last Tq positions, so a block of them is one too, against the keys up to its last query."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    return torch.cat([attention(q[..., i0:i0 + block, :], k[..., :Tk - Tq + min(i0 + block, Tq), :],
+                                v[..., :Tk - Tq + min(i0 + block, Tq), :], *args, **kwargs)
+                      for i0 in range(0, Tq, block)], dim=-2)
+
+
 def reference_in_blocks(reference, q, k, v, *args, block=128):
     """reference(q, k, v, *args), by blocks of `block` queries when no gradient is wanted (so that a
-    long evaluation needs (block x Tk) scores at a time, not (Tq x Tk)). The queries are the last Tq
-    positions, so a block of them is one too against the keys up to its last query (a bias is a
-    function of those two lengths: see model.dot_product_attention)."""
-    Tq, Tk = q.size(-2), k.size(-2)
+    long evaluation needs (block x Tk) scores at a time, not (Tq x Tk); a bias is a function of the
+    block's two lengths: see model.dot_product_attention)."""
+    Tq = q.size(-2)
     if block is None or Tq <= block or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return reference(q, k, v, *args)
-    ends = [(i0, min(i0 + block, Tq), Tk - Tq + min(i0 + block, Tq)) for i0 in range(0, Tq, block)]
-    return torch.cat([reference(q[..., i0:i1, :], k[..., :end, :], v[..., :end, :], *args) for i0, i1, end in ends],
-                     dim=-2)
+    return in_query_blocks(reference, q, k, v, block, *args)
 
 
 def describe(model_, device, dtype=torch.float32):
@@ -202,9 +208,7 @@ def sdpa_attention(q, k, v, bias=None, max_bias=2**24):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     block = max(1, max_bias // (q.size(1) * Tk))  # queries per block
     if bias is not None and block < Tq:
-        ends = [(i0, min(i0 + block, Tq), Tk - Tq + min(i0 + block, Tq)) for i0 in range(0, Tq, block)]
-        return torch.cat([sdpa_attention(q[..., i0:i1, :], k[..., :end, :], v[..., :end, :], bias, max_bias=max_bias)
-                          for i0, i1, end in ends], dim=-2)
+        return in_query_blocks(sdpa_attention, q, k, v, block, bias, max_bias=max_bias)
     mask = causal_mask(Tq, Tk, q.device)  # is_causal aligns top-left, wrong for Tq < Tk (a KV cache)
     if bias is not None:
         mask = bias(Tq, Tk).to(q.dtype).masked_fill(~mask, float('-inf'))

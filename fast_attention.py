@@ -7,6 +7,9 @@ the reference computes, and the rule that picks one.
                                      an exact chunked version (below, plain PyTorch, memory linear in
                                      T in forward and backward) or the fused Triton kernel
                                      (tapa_triton.py) on NVIDIA GPUs
+    model.cope_attention         ->  the reference, a block of queries at a time when no gradient is
+                                     wanted (each query's positions count its own keys only), so a long
+                                     evaluation holds (block x T) scores, not (T x T)
 
 A student's edit is never silently bypassed. Each fast path records a fingerprint of the reference
 functions it reproduces (their code, comments and docstrings stripped: FINGERPRINTS). While the
@@ -42,6 +45,7 @@ REFERENCES = {
     'dot_product_attention': ('dot_product_attention', 'causal_mask'),
     'tapa_attention': ('tapa_attention', 'tapa_scores', 'tapa_distance_weight', 'tapa_split', 'causal_mask',
                        'autocast_off'),
+    'cope_attention': ('cope_attention', 'causal_mask'),
 }
 FINGERPRINTS = {
     'dot_product_attention': '0991e816063681d2',
@@ -51,6 +55,7 @@ FINGERPRINTS = {
     'tapa_distance_weight': 'ff47f5fb6d95fb9a',
     'tapa_split': '8a5a5d4576ae1982',
     'autocast_off': '1aa46449e9534f35',
+    'cope_attention': 'b2af82b01f57e10b',
 }
 NAIVE_SCORES = 128 * 128  # TAPA: up to this many scores per head the reference itself is fastest
 
@@ -126,6 +131,8 @@ def implementation(reference, cfg):
         return functools.partial(reference_in_blocks, reference, block=None if 'causal_mask' in changed else 128)
     if name == 'dot_product_attention':
         return sdpa_attention
+    if name == 'cope_attention':
+        return functools.partial(reference_in_blocks, reference)
     return functools.partial(tapa_attention, impl=cfg.attn_impl)
 
 
@@ -184,6 +191,8 @@ def _rule(name, cfg, device, dtype, head_dim):
     exact = f"exact; reference model.{name}"
     if name == 'dot_product_attention':
         return f"PyTorch SDPA ({exact})"
+    if name == 'cope_attention':
+        return f"the reference, in query blocks of 128 without gradients ({exact})"
     impl = pick_tapa_impl(cfg.attn_impl, torch.device(device), 4096, 4096, head_dim, dtype)
     if impl == 'triton':
         return f"fused Triton kernel ({exact})"

@@ -2,9 +2,10 @@
 A GPT language model whose attention takes a pluggable positional encoding, in one file.
 
 Read it top to bottom like a lecture: the configuration; the positional encodings (PEs), each a
-short function next to its equation (learned, NoPE, ALiBi, RoPE and its long-context family, and
-TAPA, Token-Aware Phase Attention, arXiv 2509.12635 Eq. 12); PE_TABLE, all that the transformer
-needs of each; the transformer, nanoGPT-shaped.
+short function next to its equation (absolute: learned, sinusoidal, NoPE; relative biases: ALiBi, T5,
+Kerple, FIRE; rotations: RoPE and its long-context family, xPos; content-dependent: CoPE, and TAPA,
+Token-Aware Phase Attention, arXiv 2509.12635 Eq. 12); PE_TABLE, all that the transformer needs of
+each; the transformer, nanoGPT-shaped.
 
 This file is the reference. Faster implementations of the same math (SDPA, a chunked and a fused
 TAPA) live in fast_attention.py and tapa_triton.py and run only while the functions here that they
@@ -13,7 +14,10 @@ reproduce are unchanged: edit one of those and your edit runs (a one-line notice
 References: nanoGPT (github.com/karpathy/nanoGPT); RoPE: Su et al. 2021 (arXiv 2104.09864); PI:
 Chen et al. 2023 (2306.15595); NTK: bloc97 2023 (reddit/LocalLLaMA); YaRN: Peng et al. 2023
 (2309.00071, code jquesnelle/yarn); ABF: Xiong et al. 2023 (2309.16039); ALiBi: Press et al. 2021
-(2108.12409); NoPE: Kazemnejad et al. 2023 (2305.19466); TAPA: arXiv 2509.12635.
+(2108.12409); NoPE: Kazemnejad et al. 2023 (2305.19466); sinusoidal: Vaswani et al. 2017 (1706.03762);
+T5: Raffel et al. 2020 (1910.10683); Kerple: Chi et al. 2022 (2205.09921); FIRE: Li et al. 2023
+(2310.04418); xPos: Sun et al. 2022 (2212.10554); CoPE: Golovneva et al. 2024 (2405.18719); TAPA:
+arXiv 2509.12635.
 """
 
 import math
@@ -39,7 +43,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False          # biases in Linears and LayerNorms (GPT-2: True; a bit better and faster: False)
-    pos_encoding: str = 'tapa'  # a key of PE_TABLE: tapa, rope, alibi, nope, learned, sinusoidal, t5, kerple, xpos
+    pos_encoding: str = 'tapa'  # a key of PE_TABLE: tapa, rope, alibi, nope, learned, sinusoidal, t5, kerple,
+                                # fire, xpos, cope
     # TAPA (Eq. 12): score = amplitude * cos(2*pi * |m-n|^alpha * phase)
     tapa_alpha: float = 0.1           # distance exponent alpha
     tapa_theta: float = 0.5           # fraction of the head dim that forms the amplitude part
@@ -52,6 +57,8 @@ class GPTConfig:
     rope_original_block_size: Optional[int] = None  # the pretraining context (defaults to block_size)
     yarn_beta_fast: float = 32.0      # YaRN: dims that rotate more than beta_fast times keep their frequency
     yarn_beta_slow: float = 1.0       # YaRN: dims that rotate less than beta_slow times are fully interpolated
+    fire_threshold: float = 0.0       # FIRE's initial threshold L (0 = block_size / 4, see FIRE below)
+    cope_npos: int = 0                # CoPE's number of position embeddings (0 = block_size, see CoPE below)
     attn_impl: str = 'auto'  # 'naive' (this file), 'auto' (the fastest that reproduce it), 'chunked', 'triton'
     activation_checkpointing: bool = False  # keep only each block's input, recompute the rest in the backward
 
@@ -205,6 +212,45 @@ def attend_kerple(q, k, v, pos, params, cfg):
     return fast(dot_product_attention, cfg)(q, k, v, lambda Tq, Tk: -r1 * torch.log1p(r2 * distance(Tq, Tk, q.device)))
 
 
+# FIRE (Li et al. 2023, Sec. 3): the bias is a learned function of a normalized distance,
+#   score = q_m.k_n / sqrt(D) + f(psi(m - n) / psi(max(L, m))),   psi(x) = log(1 + c*x),
+# f an MLP 1 -> 32 -> H (ReLU), c > 0 and the threshold L learned, one of each per layer. Dividing by
+# psi of the query's own (absolute) position puts every distance in [0, 1] at any length: past the
+# training length f interpolates instead of extrapolating (and a KV cache stays exact: m is absolute).
+# L keeps short prefixes from stretching their few distances over all of [0, 1]. As the authors'
+# code: c starts at 0.1 and L = |multiplier * L0| with L0 fixed and the multiplier learned from 1; c
+# is used as |c|. Their L0 = 512 is a quarter of their training length 2048: with block_size 128 it
+# would never act, so L0 = fire_threshold, by default block_size / 4 (fixed when the context grows).
+class FIREParams(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, cfg.n_head))
+        self.c = nn.Parameter(torch.tensor(0.1))
+        self.L_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.L0 = cfg.fire_threshold or cfg.block_size / 4
+
+
+def fire_bias(params, Tq, Tk, device):
+    """(H, Tq, Tk): f(psi(m - n) / psi(max(L, m))) for queries at the last Tq of Tk positions."""
+    m = torch.arange(Tk - Tq, Tk, device=device).float()[:, None]  # (Tq, 1) absolute query positions
+    c, L = params.c.abs(), (params.L_multiplier * params.L0).abs()
+    u = torch.log1p(c * distance(Tq, Tk, device)) / (torch.log1p(c * torch.maximum(m, L)) + 1e-6)  # (Tq, Tk)
+    return params.mlp(u[..., None]).permute(2, 0, 1)
+
+
+def attend_fire(q, k, v, pos, params, cfg):
+    return fast(dot_product_attention, cfg)(q, k, v, lambda Tq, Tk: fire_bias(params, Tq, Tk, q.device))
+
+
+def check_fire(cfg):
+    if not (math.isfinite(cfg.fire_threshold) and cfg.fire_threshold >= 0):
+        raise ValueError(f"fire_threshold={cfg.fire_threshold!r} must be a finite number >= 0 (0 = block_size / 4)")
+
+
+def extend_fire(model, block_size, **_):  # the normalization already covers any length; keep L0 as trained
+    model.config.fire_threshold = model.config.fire_threshold or model.config.block_size / 4
+
+
 # -----------------------------------------------------------------------------
 # Positional encodings, part 2: RoPE and its long-context family
 #
@@ -338,7 +384,55 @@ def attend_xpos(q, k, v, pos, params, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Positional encodings, part 3: TAPA, Token-Aware Phase Attention (arXiv 2509.12635)
+# Positional encodings, part 3: CoPE, positions counted by the context
+#
+# CoPE (Golovneva et al. 2024, Sec. 3): contextual positions. Query m gives each key n <= m a gate
+# g_mn = sigmoid(q_m.k_n / sqrt(D)) (the authors' code gates the scaled logit; Eq. 3 writes sigmoid(q.k)),
+# and counts the gates from the key to itself: p_mn = sum_{t=n..m} g_mt (Eq. 4), a position that grows
+# only over the tokens the query "counts" (words, sentences, ...), not over every token. Positions are
+# fractional, so the embedding is interpolated between the two integers around p (Eq. 5):
+#   score = q_m.k_n / sqrt(D) + q_m.e[p_mn],   q.e[p] = (p - floor p) q.e[ceil p] + (1 - p + floor p) q.e[floor p]
+# e: cope_npos learned vectors of the head dim per layer, shared by the heads, zeros at first (as the
+# authors' code); positions past the last share it. cope_npos = block_size by default: p_mn <= m - n + 1,
+# so at the training length no position is cut. A longer context keeps the table (finetune_long.py
+# changes nothing): positions count gates, not tokens, and the rare ones past the table share its last.
+def cope_attention(q, k, v, pos_emb):
+    """q (B, H, Tq, D) at the last Tq positions, k, v (B, H, Tk, D), pos_emb (D, npos) -> (B, H, Tq, D)."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # (bfloat16 q: the gates' sum in float32)
+    q, k = q.to(dtype), k.to(dtype)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
+    gates = torch.sigmoid(att)  # 0 for future keys
+    p = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=pos_emb.size(-1) - 1)  # p_mn = sum of g_mt over t >= n
+    at_integers = q @ pos_emb.to(dtype)  # (B, H, Tq, npos): q_m.e[i] for every integer position i
+    lo, hi = p.floor(), p.ceil()
+    w = p - lo  # the gradient reaches the gates through the interpolation weight
+    pos_logit = at_integers.gather(-1, hi.long()) * w + at_integers.gather(-1, lo.long()) * (1 - w)
+    return F.softmax(att + pos_logit, dim=-1).to(v.dtype) @ v
+
+
+class CoPEParams(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.n_embd // cfg.n_head, cfg.cope_npos or cfg.block_size))
+
+
+def attend_cope(q, k, v, pos, params, cfg):
+    return fast(cope_attention, cfg)(q, k, v, params.pos_emb)
+
+
+def check_cope(cfg):
+    if not (isinstance(cfg.cope_npos, int) and cfg.cope_npos >= 0):
+        raise ValueError(f"cope_npos={cfg.cope_npos!r} must be a whole number >= 0 (0 = block_size positions)")
+
+
+def extend_cope(model, block_size, **_):  # the table stays as trained (see above); pin its size in the config
+    model.config.cope_npos = model.config.cope_npos or model.config.block_size
+
+
+# -----------------------------------------------------------------------------
+# Positional encodings, part 4: TAPA, Token-Aware Phase Attention (arXiv 2509.12635)
 #
 # TAPA removes RoPE. Each head's q and k (head dim D) are split into an amplitude part (the first
 # theta*D dims) and a phase part (the other (1-theta)*D dims). The score of query m and key n
@@ -475,7 +569,11 @@ PE_TABLE = {  # TAPA first: the method this codebase is about
     'sinusoidal': PositionalEncoding(attend_nope, embed=sinusoidal_embedding),
     't5': PositionalEncoding(attend_t5, params=lambda cfg: nn.Embedding(32, cfg.n_head)),
     'kerple': PositionalEncoding(attend_kerple, params=KerpleParams, shared=False),
+    'fire': PositionalEncoding(attend_fire, params=FIREParams, shared=False, check=check_fire,
+                                extend=extend_fire),
     'xpos': PositionalEncoding(attend_xpos, tables=rope_cos_sin, check=check_rope, extend=extend_rope),
+    'cope': PositionalEncoding(attend_cope, params=CoPEParams, shared=False, check=check_cope,
+                                extend=extend_cope),
 }
 
 

@@ -1,6 +1,7 @@
 """The encodings of a course beyond the first five, each checked against its paper's formula written
 out here one element or one (query, key) pair at a time: sinusoidal (Vaswani et al. 2017), T5's
-bucketed bias (Raffel et al. 2020), Kerple's log bias (Chi et al. 2022), xPos (Sun et al. 2022).
+bucketed bias (Raffel et al. 2020), Kerple's log bias (Chi et al. 2022), FIRE (Li et al. 2023), xPos
+(Sun et al. 2022), CoPE (Golovneva et al. 2024).
 Causality and KV cache == full forward are checked for every encoding in test_model.py."""
 import math
 import os
@@ -137,7 +138,10 @@ def test_xpos_decay_stays_finite_far_past_training_and_refuses_float16_where_it_
 
 
 @pytest.mark.parametrize('pe,names', [('t5', ['transformer.wpe.weight']),
-                                      ('kerple', ['transformer.h.0.attn.pe.raw_r1', 'transformer.h.1.attn.pe.raw_r2'])])
+                                      ('kerple', ['transformer.h.0.attn.pe.raw_r1', 'transformer.h.1.attn.pe.raw_r2']),
+                                      ('fire', ['transformer.h.0.attn.pe.mlp.0.weight', 'transformer.h.1.attn.pe.mlp.2.weight',
+                                                'transformer.h.0.attn.pe.c', 'transformer.h.1.attn.pe.L_multiplier']),
+                                      ('cope', ['transformer.h.0.attn.pe.pos_emb', 'transformer.h.1.attn.pe.pos_emb'])])
 def test_gradients_reach_each_encodings_own_parameters(pe, names):
     torch.manual_seed(0)
     gpt = GPT(cfg(pos_encoding=pe))
@@ -146,3 +150,66 @@ def test_gradients_reach_each_encodings_own_parameters(pe, names):
     grads = dict(gpt.named_parameters())
     for name in names:
         assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
+
+
+def mlp_loop(params, u):
+    """FIRE's f: Linear(1, 32), ReLU, Linear(32, H), one input at a time in Python floats."""
+    w1, b1 = params.mlp[0].weight[:, 0].tolist(), params.mlp[0].bias.tolist()
+    w2, b2 = params.mlp[2].weight.tolist(), params.mlp[2].bias.tolist()
+    hidden = [max(0.0, w * u + b) for w, b in zip(w1, b1)]
+    return [dot(row, hidden) + b for row, b in zip(w2, b2)]
+
+
+@pytest.mark.parametrize('Tq,Tk,threshold', [(5, 7, 3.0), (1, 40, 3.0), (6, 6, 0.0)])
+def test_fire_is_an_mlp_of_the_log_distance_over_the_log_query_position(Tq, Tk, threshold):
+    """b(m, n) = f(psi(m - n) / psi(max(L, m))), psi(x) = log(1 + c x), m the query's absolute position
+    (a KV cache's last query included), L = |multiplier * L0|."""
+    torch.manual_seed(0)
+    c_ = cfg(pos_encoding='fire', fire_threshold=threshold)
+    params = model.FIREParams(c_)
+    with torch.no_grad():  # away from the initial values, so that a term left out shows
+        for p in params.mlp.parameters():
+            p.normal_()
+        params.c.fill_(0.7)
+        params.L_multiplier.fill_(-1.5)  # L is |multiplier * L0|
+    L = 1.5 * (threshold or c_.block_size / 4)
+    psi = lambda x: math.log(1 + 0.7 * x)  # noqa: E731
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (Tq, Tk, Tk))
+    ref = attention_loop(q, k, v, lambda h, m, n, qm, kn: dot(qm, kn) / math.sqrt(8)
+                         + mlp_loop(params, psi(m - n) / psi(max(L, m)))[h])
+    for impl in ('naive', 'auto'):
+        got = model.attend_fire(q, k, v, positions(Tq, Tk), params, cfg(attn_impl=impl))
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fire_threshold_defaults_to_a_quarter_of_the_training_context_and_survives_a_longer_one():
+    gpt = GPT(cfg(pos_encoding='fire', block_size=64))
+    assert gpt.transformer.h[0].attn.pe.L0 == 16
+    from finetune_long import change_context
+    change_context(gpt, 256)
+    assert gpt.config.fire_threshold == 16 and GPT(gpt.config).transformer.h[0].attn.pe.L0 == 16
+
+
+@pytest.mark.parametrize('Tq,Tk,npos', [(5, 9, 16), (9, 9, 4)])
+def test_cope_positions_count_the_gates_from_the_key_to_the_query(Tq, Tk, npos):
+    """Eqs. 3-5 with the authors' scaled gate: g_mt = sigmoid(q_m.k_t / sqrt(D)), p_mn = sum_{t=n..m} g_mt
+    (clamped to the last of npos embeddings), score = q_m.k_n / sqrt(D) + q_m.e[p_mn] with e
+    interpolated linearly between the integers around p."""
+    torch.manual_seed(0)
+    D = 8
+    q, k, v = (torch.randn(1, 2, n, D, dtype=torch.float64) * 2 for n in (Tq, Tk, Tk))
+    e = torch.randn(D, npos, dtype=torch.float64)
+
+    def score(h, m, n, qm, kn):
+        i = m - (Tk - Tq)  # the query's row
+        gate = lambda t: 1 / (1 + math.exp(-dot(qm, k[0, h, t].tolist()) / math.sqrt(D)))  # noqa: E731
+        p = min(sum(gate(t) for t in range(n, m + 1)), npos - 1)
+        lo, hi = math.floor(p), math.ceil(p)
+        qe = lambda j: dot(q[0, h, i].tolist(), e[:, j].tolist())  # noqa: E731
+        return dot(qm, kn) / math.sqrt(D) + (p - lo) * qe(hi) + (1 - (p - lo)) * qe(lo)
+    ref = attention_loop(q, k, v, score)
+    params = torch.nn.Module()
+    params.pos_emb = torch.nn.Parameter(e)
+    for impl in ('naive', 'auto'):
+        got = model.attend_cope(q, k, v, positions(Tq, Tk), params, cfg(attn_impl=impl))
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)

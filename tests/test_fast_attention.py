@@ -203,7 +203,7 @@ def test_autocast_off_is_part_of_what_tapa_reproduces():
     assert 'autocast_off' in fast_attention.REFERENCES['tapa_attention']
 
 
-@pytest.mark.parametrize('pe', ['alibi', 't5', 'kerple'])
+@pytest.mark.parametrize('pe', ['alibi', 't5', 'kerple', 'fire'])
 def test_additive_biases_are_made_a_block_of_queries_at_a_time(pe, monkeypatch):
     """SDPA takes a bias whole: the engine asks the encoding for it a block of queries at a time,
     each against the keys up to its last query, so it never holds an (H, T, T) bias; the result and
@@ -231,3 +231,24 @@ def test_additive_biases_are_made_a_block_of_queries_at_a_time(pe, monkeypatch):
     assert results['auto'][0] == pytest.approx(results['naive'][0], abs=1e-5)
     for a, b in zip(results['auto'][1], results['naive'][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cope_evaluates_a_block_of_queries_at_a_time_exactly(monkeypatch):
+    """CoPE's positions for a query count only its own keys, so without gradients the engine runs the
+    reference a block of queries at a time ((block x T) scores, not (T x T)), with the same result; with
+    gradients (training) the reference runs whole."""
+    T, sizes = 300, []
+    real = model.cope_attention
+    def cope_attention(q, k, v, pos_emb):  # the sizes of the score matrices the reference is asked for
+        sizes.append(q.size(-2) * k.size(-2))
+        return real(q, k, v, pos_emb)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+    pos_emb = torch.randn(16, 64)
+    whole = real(q, k, v, pos_emb)
+    blocked = fast_attention.implementation(model.cope_attention, tiny(pos_encoding='cope'))
+    monkeypatch.setattr(model, 'cope_attention', cope_attention)
+    with torch.no_grad():
+        got = blocked.func(cope_attention, q, k, v, pos_emb, **blocked.keywords)
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+    assert max(sizes) <= 128 * T < T * T

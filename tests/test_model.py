@@ -16,7 +16,7 @@ from model import GPT, GPTConfig, alibi_slopes, apply_rope, rope_frequencies  # 
 
 torch.set_num_threads(1)
 
-PES = ['tapa', 'rope', 'alibi', 'nope', 'learned', 'sinusoidal', 't5', 'kerple', 'xpos']
+PES = ['tapa', 'rope', 'alibi', 'nope', 'learned', 'sinusoidal', 't5', 'kerple', 'fire', 'xpos', 'cope']
 
 
 def tiny_config(**kw):

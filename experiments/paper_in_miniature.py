@@ -50,8 +50,8 @@ understates the variance between books (results.md says so).
 The budget: --max_tokens_per_length=8192 scored bytes per length and model, 256 spans of 32 bytes
 (a quarter of the shortest length) dealt to the 5 test books. Each span is a forward pass of L
 bytes, so a length costs 256 passes of L, most of it at 2048, where ALiBi's bias blocks
-(fast_attention.py) are the slowest: an evaluated model costs from about half (RoPE, TAPA) to about
-twice (ALiBi) its 1,000-step pretraining. 16384, the older budget, doubles that.
+(fast_attention.py) are the slowest: an evaluated model costs from about a third (NoPE) to 2.5x
+(ALiBi) of its 1,000-step pretraining's CPU time. 16384, the older budget, doubles that.
 
 Every step is a real command of this repository, printed before it runs and written to
 commands.sh, so any of them can be rerun or changed by hand. By default each runs as its own

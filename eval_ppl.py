@@ -32,7 +32,10 @@ and reported, with their token count. See select_spans() and span_windows().
 Intervals: each perplexity, each ratio to the first length and each difference between two models
 gets a 95% interval from a paired bootstrap over documents (--bootstrap resamples; the same draws
 for every model and length). With fewer than 10 documents they understate the variance between
-books, and the output says so. Tune on --split=validation, report on --split=test.
+books, and the output says so. Tune on --split=validation, report on --split=test. The JSON keeps
+what the intervals resample: each result's sums per document (doc_nll, doc_tokens, in the order of
+doc_ids), so that several runs (e.g. seeds, experiments/paper_in_miniature.py) can be bootstrapped
+together over the same documents.
 
 --protocol=sliding is the older protocol, kept to compare with published numbers that used it
 (Press et al. 2021; YaRN's and the TAPA paper's scripts): each document is read in windows of L
@@ -629,6 +632,7 @@ def evaluate(config, log=print):
         selection = {L: [(position[i], w) for i, n in chosen[L]
                          for w in sliding_windows(n, L, min(config['stride'], L))] for L in Ls}
     docs = [tokens[offsets[i]:offsets[i + 1]] for i in doc_ids]
+    results['doc_ids'] = [int(i) for i in doc_ids]  # the order of every result's doc_nll and doc_tokens
     for L in Ls:
         jobs = selection[L]
         used_docs = sorted({d for d, _ in jobs})
@@ -669,7 +673,12 @@ def evaluate(config, log=print):
             entry['results'][str(L)] = dict(ppl=math.exp(min(loss, 700.0)), loss=loss, stride=min(config['stride'], L),
                                             docs=int((r['tokens'] > 0).sum()), tokens=int(r['tokens'].sum()),
                                             windows=len(jobs), first_window_tokens=r['first_window_tokens'],
-                                            seconds=round(time.time() - t0, 3))
+                                            seconds=round(time.time() - t0, 3),
+                                            # the sums per document (results['doc_ids'] order, 0 where a
+                                            # document is not scored at L): what a later analysis, e.g.
+                                            # a bootstrap over several runs, needs to resample documents
+                                            doc_nll=[float(v) for v in r['nll']],
+                                            doc_tokens=[int(v) for v in r['tokens']])
             log(f"{label:>24} L={L:>6}: loss {loss:.4f} ppl {fmt_ppl(math.exp(min(loss, 700.0)))} "
                 f"({entry['results'][str(L)]['docs']} docs, {n_scored} tokens, {len(jobs)} windows, "
                 f"{time.time() - t0:.1f}s)")

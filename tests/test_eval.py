@@ -553,6 +553,13 @@ def test_eval_ppl_spans_report_intervals_ratios_differences_and_short_documents(
             assert r['ci'][0] <= r['ppl'] <= r['ci'][1]
             assert r['ratio_ci'][0] <= r['ratio'] <= r['ratio_ci'][1]
         assert m['results']['8']['ratio'] == 1.0 and m['results']['8']['ratio_ci'] == [1.0, 1.0]
+    assert res['doc_ids'] == [0, 1, 3]  # the split's documents that hold spans, in order
+    for m in res['models']:  # the sums per document, from which the perplexity is computed
+        for L in ('8', '16', '32'):
+            r = m['results'][L]
+            assert len(r['doc_nll']) == len(r['doc_tokens']) == 3 and min(r['doc_tokens']) > 0
+            assert sum(r['doc_tokens']) == r['tokens'] == res['data_per_length'][L]['tokens']
+            assert math.exp(sum(r['doc_nll']) / sum(r['doc_tokens'])) == pytest.approx(r['ppl'], rel=1e-12)
     for d in res['differences']:  # identical models on identical documents: exactly no difference
         assert d['a'] == 'a' and d['b'] == 'b' and d['diff'] == 0.0 and d['ci'] == [0.0, 0.0]
     with open(prefix + '.csv') as f:

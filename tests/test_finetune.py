@@ -2,6 +2,7 @@
 from tiny checkpoints trained here with train.py, on token files written here. The extension a
 fine-tune records is checked by what it does to the RoPE angles (against the published formulas),
 that the evaluation scripts apply it by a direct computation of the loss, and resume bit for bit."""
+import csv
 import hashlib
 import importlib.util
 import json
@@ -39,12 +40,13 @@ FT = dict(max_iters=3, warmup_iters=1, eval_interval=3, eval_iters=2)
 
 def make_data(folder, n_docs=(8, 4), doc_len=1200):
     """Prepared byte-level data (the contract's format) written with numpy: this repository's own
-    source as text, several documents per split, each followed by the EOT token 0."""
+    source as text, several documents per split (train, validation and, given a third count, test),
+    each followed by the EOT token 0."""
     text = b''.join(open(os.path.join(REPO, f), 'rb').read() for f in ('model.py', 'train.py', 'eval_ppl.py'))
     text = text.replace(b'\x00', b'')
     os.makedirs(folder, exist_ok=True)
     pos, splits = 0, {}
-    for split, n in zip(('train', 'validation'), n_docs):
+    for split, n in zip(('train', 'validation', 'test'), n_docs):
         docs = [np.append(np.frombuffer(text[pos + i * doc_len:pos + (i + 1) * doc_len], dtype=np.uint8), 0)
                 for i in range(n)]
         pos += n * doc_len
@@ -308,39 +310,153 @@ def test_help_prints_usage_and_settings(capsys, monkeypatch, flag):
 # the whole experiment, with tiny settings
 
 
-def test_paper_in_miniature_quick(tmp_path):
-    data = make_data(tmp_path / 'data' / 'pg19' / 'byte', n_docs=(6, 3), doc_len=1500)
+def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
+    data = make_data(tmp_path / 'data' / 'pg19' / 'byte', n_docs=(6, 3, 3), doc_len=1500)
     out = tmp_path / 'miniature'
     cwd = os.getcwd()
-    summary = paper_in_miniature.main(['--quick', f'--out={out}', f'--data_dir={data}'])
+    summary = paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}'])
     assert os.getcwd() == cwd
-    Ls = [128, 256, 512]
-    assert summary['lengths'] == Ls
+    Ls, seeds = [128, 256, 512], [1337, 1338]
+    assert summary['lengths'] == Ls and summary['seeds'] == seeds
     rows = summary['perplexity']
     labels = [r['label'] for r in rows]
-    assert labels == ['TAPA', 'RoPE', 'ALiBi', 'NoPE', 'RoPE + YaRN x4 (inference only)',
-                      'RoPE + dynamic NTK (inference only)', 'TAPA (ft 512)', 'RoPE + PI x4 (ft 512)',
+    assert labels == ['TAPA small-model linear', 'RoPE', 'ALiBi', 'NoPE', 'RoPE + YaRN x4 (inference only)',
+                      'RoPE + dynamic NTK (inference only)', 'TAPA small-model linear (ft 512)', 'RoPE + PI x4 (ft 512)',
                       'RoPE + YaRN x4 (ft 512)', 'RoPE + ABF base 500000 (ft 512)']
-    for r in rows:  # a nearly untrained byte model: perplexity near 256 (uniform), finite everywhere
-        assert all(1 < r['ppl'][L] < 1000 for L in Ls), r
     assert [r['trained'] for r in rows] == [128] * 6 + [512] * 4
-    # the fine-tuned checkpoints carry their extensions
+    # every training ran once per seed, into its own folder, with that seed
+    for name in ('tapa_small_linear', 'rope', 'alibi', 'nope', 'tapa_small_linear-ft4x', 'rope-ft4x-pi',
+                 'rope-ft4x-yarn', 'rope-ft4x-abf'):
+        for sd in seeds:
+            assert load(out / 'ckpt' / f'{name}-s{sd}')['config']['seed'] == sd
     ft = lambda n: load(out / 'ckpt' / n)['model_args']  # noqa: E731
-    assert (ft('rope-ft4x-pi')['rope_scaling'], ft('rope-ft4x-pi')['rope_factor']) == ('pi', 4.0)
-    assert ft('rope-ft4x-yarn')['rope_scaling'] == 'yarn' and ft('rope-ft4x-abf')['rope_base'] == 5e5
-    assert ft('tapa-ft4x')['block_size'] == 512 and ft('tapa-ft4x')['pos_encoding'] == 'tapa'
+    assert (ft('rope-ft4x-pi-s1338')['rope_scaling'], ft('rope-ft4x-pi-s1338')['rope_factor']) == ('pi', 4.0)
+    assert ft('rope-ft4x-yarn-s1337')['rope_scaling'] == 'yarn' and ft('rope-ft4x-abf-s1337')['rope_base'] == 5e5
+    assert ft('tapa_small_linear-ft4x-s1338')['block_size'] == 512
+    assert ft('tapa_small_linear-ft4x-s1338')['tapa_phase'] == 'linear'
+    init = load(out / 'ckpt' / 'tapa_small_linear-ft4x-s1338')['config']['init_ckpt']  # its own seed's model
+    assert init.endswith(os.path.join('tapa_small_linear-s1338', 'ckpt.pt'))
+    commands = (out / 'commands.sh').read_text()
+    assert commands.count('python train.py configs/tiny_') == 8 and commands.count('python finetune_long.py') == 8
+    assert commands.count('--split=test') == 8 and '--protocol' not in commands and '--stride' not in commands
+
+    # the reported numbers, recomputed here from each seed's own evaluation (eval_ppl.py's JSON)
+    results = json.loads((out / 'results.json').read_text())
+    assert results['evaluation']['split'] == 'test' and results['evaluation']['protocol'] == 'spans'
+    evals = {}
+    for sd in seeds:
+        for name in ('zeroshot', 'zeroshot_rope_yarn4', 'zeroshot_rope_dynntk', 'finetuned'):
+            for m in json.loads((out / 'eval' / f'{name}-s{sd}.json').read_text())['models']:
+                evals[(m['label'], sd)] = m['results']
+    for r in results['perplexity']:
+        assert r['seeds'] == seeds
+        for L in map(str, Ls):
+            st = r['results'][L]
+            per_seed = [evals[(r['label'], sd)][L]['ppl'] for sd in seeds]
+            assert st['per_seed'] == pytest.approx(per_seed, rel=1e-12)
+            assert st['mean'] == pytest.approx(sum(per_seed) / 2, rel=1e-12) == r['ppl'][L]
+            assert st['spread'] == pytest.approx([min(per_seed), max(per_seed)], rel=1e-12)
+            ratios = [evals[(r['label'], sd)][L]['ppl'] / evals[(r['label'], sd)]['128']['ppl'] for sd in seeds]
+            assert st['ratio'] == pytest.approx(sum(ratios) / 2, rel=1e-12)
+            assert st['ci'][0] <= st['mean'] <= st['ci'][1] and 1 < st['mean'] < 1000, (r['label'], L)
     md = (out / 'results.md').read_text()
     for needle in ('## Zero-shot (trained at 128)', '## Fine-tuned to 4x (512)', 'RoPE + PI x4 (ft 512)',
-                   '| model | trained at | 128 | 256 | 512 |', 'Passkey', 'Wall time', 'logical CPUs'):
+                   '| model | trained at | 128 | 256 | 512 |', 'Passkey', 'Wall time', 'logical CPUs',
+                   'the mean over 2 seeds (1337, 1338)', 'Test perplexity', 'understate the variance between books'):
         assert needle in md, needle
     with open(out / 'results.csv') as f:
-        assert len(f.read().strip().splitlines()) == 1 + len(rows) * len(Ls)
-    assert json.loads((out / 'results.json').read_text())['hardware']['logical_cpus'] == os.cpu_count()
-    commands = (out / 'commands.sh').read_text()
-    assert commands.count('python train.py configs/tiny_') == 4 and commands.count('python finetune_long.py') == 4
-    assert (out / 'eval' / 'passkey.json').exists() and (out / 'eval' / 'finetuned.md').exists()
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) * len(Ls)
+    first = csv_rows[0]
+    assert float(first['ppl_mean']) == pytest.approx((float(first['ppl_s1337']) + float(first['ppl_s1338'])) / 2)
+    assert float(first['ppl_lo']) <= float(first['ppl_mean']) <= float(first['ppl_hi'])
+    assert results['hardware']['logical_cpus'] == os.cpu_count()
+    assert (out / 'eval' / 'passkey-s1338.json').exists() and (out / 'eval' / 'finetuned-s1337.md').exists()
     if HAS_MATPLOTLIB:
         assert (out / 'ppl.png').stat().st_size > 10000
+
+
+def docs_sums(rng, n_docs, rate_spread=1.0):
+    """Made-up sums per document: (nll, tokens) with documents of different lengths and difficulty."""
+    tokens = rng.integers(50, 150, n_docs)
+    return np.asarray(tokens * (2.0 + rate_spread * rng.random(n_docs)), dtype=np.float64), tokens
+
+
+def test_aggregate_means_spreads_and_intervals_by_hand():
+    rng = np.random.default_rng(3)
+    Ls = [8, 16, 32]
+    nll, tok = docs_sums(rng, 8)
+    # three seeds of very different level and growth with L: a mean of ratios differs from a ratio of means
+    level, growth = [0.0, 0.5, 1.0], [0.05, 0.3, 0.0]
+    runs = [{L: (nll + tok * (level[s] + growth[s] * math.log2(L / 8)), tok) for L in Ls} for s in range(3)]
+    stats = paper_in_miniature.aggregate({'a': runs}, Ls, n_resamples=500)['a']
+
+    def by_hand(s, L):  # exp(total nll / total tokens), with Python's own sums
+        n, t = runs[s][L]
+        return math.exp(sum(n.tolist()) / sum(t.tolist()))
+    for L in Ls:
+        per_seed = [by_hand(s, L) for s in range(3)]
+        st = stats[L]
+        assert st['per_seed'] == pytest.approx(per_seed, rel=1e-12)
+        assert st['mean'] == pytest.approx(sum(per_seed) / 3, rel=1e-12)
+        assert st['spread'] == pytest.approx([min(per_seed), max(per_seed)], rel=1e-12)
+        ratios = [by_hand(s, L) / by_hand(s, 8) for s in range(3)]
+        assert st['ratio'] == pytest.approx(sum(ratios) / 3, rel=1e-12)
+        assert st['ratio_spread'] == pytest.approx([min(ratios), max(ratios)], rel=1e-12)
+        assert st['ci'][0] <= st['mean'] <= st['ci'][1] and st['ci'][0] < st['ci'][1]
+        assert st['ratio_ci'][0] <= st['ratio'] <= st['ratio_ci'][1]
+    ratio_of_means = sum(by_hand(s, 32) for s in range(3)) / sum(by_hand(s, 8) for s in range(3))
+    assert stats[32]['ratio'] != pytest.approx(ratio_of_means, rel=1e-3)  # the data tell the two apart
+    assert stats[8]['ratio'] == 1.0 and stats[8]['ratio_ci'] == [1.0, 1.0]
+
+
+def test_aggregate_resamples_documents_once_for_every_seed_length_and_model():
+    rng = np.random.default_rng(4)
+    nll, tok = docs_sums(rng, 6)
+    k = 0.25  # at 16 every document's loss is k nats per token higher: the ratio is exp(k) on ANY documents
+    run = {8: (nll, tok), 16: (nll + k * tok, tok)}
+    agg = paper_in_miniature.aggregate({'a': [run], 'b': [run], 'two': [run, run]}, [8, 16], n_resamples=400)
+    # paired across lengths: every resample's ratio is exactly exp(k) (independent draws would spread it)
+    assert agg['a'][16]['ratio_ci'] == pytest.approx([math.exp(k), math.exp(k)], rel=1e-9)
+    assert agg['a'][16]['ci'][1] > 1.05 * agg['a'][16]['ci'][0]  # while the perplexity itself varies
+    # paired across models: the same data gives the same interval
+    assert agg['a'] == agg['b']
+    # paired across seeds: two seeds with the same sums give one seed's interval (independent draws per
+    # seed would average the noise away and narrow it)
+    assert agg['two'][16]['ci'] == pytest.approx(agg['a'][16]['ci'], rel=1e-12)
+
+
+def test_aggregate_with_one_seed_gives_eval_ppls_intervals():
+    rng = np.random.default_rng(5)
+    Ls = [8, 16]
+    nll, tok = docs_sums(rng, 7)
+    run = {8: (nll, tok), 16: (nll * 1.1, tok)}
+    results = dict(lengths=Ls, models=[dict(label='a', results={str(L): dict(ppl=paper_in_miniature.run_ppl(*run[L]))
+                                                               for L in Ls})])
+    eval_ppl.add_intervals(results, {(0, L): run[L] for L in Ls}, 300)
+    ours = paper_in_miniature.aggregate({'a': [run]}, Ls, n_resamples=300)['a']
+    for L in Ls:
+        theirs = results['models'][0]['results'][str(L)]
+        assert ours[L]['ci'] == pytest.approx(theirs['ci'], rel=1e-12)
+        assert ours[L]['ratio_ci'] == pytest.approx(theirs['ratio_ci'], rel=1e-12)
+        assert ours[L]['mean'] == pytest.approx(theirs['ppl'], rel=1e-12)
+
+
+def test_aggregate_intervals_shrink_with_more_documents_and_vanish_without_variation():
+    rng = np.random.default_rng(6)
+    nll, tok = docs_sums(rng, 8)
+    more = (np.tile(nll, 4), np.tile(tok, 4))  # the same kind of books, 4 times as many
+    width = lambda st: st['ci'][1] - st['ci'][0]  # noqa: E731
+    few = paper_in_miniature.aggregate({'a': [{8: (nll, tok)}]}, [8], 1000)['a'][8]
+    many = paper_in_miniature.aggregate({'a': [{8: more}]}, [8], 1000)['a'][8]
+    assert width(many) < 0.7 * width(few)  # about half: 1 / sqrt(4)
+    same = paper_in_miniature.aggregate({'a': [{8: (2.0 * tok.astype(float), tok)}]}, [8], 1000)['a'][8]
+    assert same['ci'] == pytest.approx([math.exp(2.0)] * 2, rel=1e-12)  # every book equally hard: no spread
+    # a cell without a value (learned embeddings past their context) stays empty, the others do not
+    agg = paper_in_miniature.aggregate({'learned': [{8: (nll, tok), 16: None}]}, [8, 16], 100)['learned']
+    assert agg[16] is None and agg[8]['ratio'] == 1.0
+    with pytest.raises(ValueError, match='different numbers of documents'):
+        paper_in_miniature.aggregate({'a': [{8: (nll, tok)}], 'b': [{8: more}]}, [8], 10)
 
 
 def test_tapa_probe_table_takes_runs_with_different_lengths(tmp_path, capsys):
@@ -415,7 +531,7 @@ def test_tapa_probe_table_without_runs_is_one_line(tmp_path, content):
 def test_paper_in_miniature_quick_never_uses_the_full_runs_folder(tmp_path, monkeypatch):
     """--quick writes to runs/miniature-quick by default, so a smoke test never overwrites a full run's
     results and checkpoints in runs/miniature; and --quick --out=runs/miniature is refused."""
-    data = make_data(tmp_path / 'data', n_docs=(6, 3), doc_len=1500)
+    data = make_data(tmp_path / 'data', n_docs=(6, 3, 3), doc_len=1500)
     work = tmp_path / 'work'
     work.mkdir()
     monkeypatch.chdir(work)  # the default folders are relative to where it is run from
@@ -439,3 +555,38 @@ def test_paper_in_miniature_quick_never_uses_the_full_runs_folder(tmp_path, monk
     with pytest.raises(Stop):  # and the full run still defaults to runs/miniature
         paper_in_miniature.main([f'--data_dir={data}'])
     assert used[-1] == str(work / 'runs' / 'miniature')
+
+
+def test_paper_in_miniature_zero_shot_only_and_its_settings(tmp_path, monkeypatch):
+    """--finetune=False runs no fine-tuning, no evaluation of it and no passkey, and needs neither TAPA nor
+    RoPE; bad settings are one-line errors before anything runs."""
+    data = make_data(tmp_path / 'data', n_docs=(6, 3, 3), doc_len=1500)
+
+    class Stop(Exception):
+        pass
+    names = []
+
+    def record(steps, cfg, times):  # the commands, not run
+        names.extend(name for name, _ in steps)
+
+    def stop(path):
+        raise Stop
+    monkeypatch.setattr(paper_in_miniature, 'run_steps', record)
+    monkeypatch.setattr(paper_in_miniature, 'read_eval', stop)
+    with pytest.raises(Stop):
+        paper_in_miniature.main(['--quick', f'--out={tmp_path / "m"}', f'--data_dir={data}', '--encodings=alibi,t5',
+                                 '--finetune=False', '--seeds=2'])
+    assert names == ['pretrain_alibi-s1337', 'pretrain_t5-s1337', 'pretrain_alibi-s1338', 'pretrain_t5-s1338',
+                     'eval_zeroshot-s1337', 'eval_zeroshot-s1338']
+    base = ['--quick', f'--out={tmp_path / "m"}', f'--data_dir={data}']
+    for args, message in ((['--encodings=alibi,rope'], 'must include a TAPA config'),
+                          (['--encodings=rope,tapa_small,rope'], 'names rope twice'),
+                          (['--encodings=tapa,rope,fancy'], 'no configs/tiny_fancy.py'),
+                          (['--seeds=0'], '--seeds=0 must be at least 1'),
+                          (['--split=train'], '--split=train: use test'),
+                          (['--max_tokens_per_length=8'], 'at least one span of 32 tokens')):
+        with pytest.raises(ConfigError, match=message):
+            paper_in_miniature.main(base + args)
+    old = make_data(tmp_path / 'old', n_docs=(6, 3), doc_len=1500)  # prepared without the test books
+    with pytest.raises(ConfigError, match=r'has no test split \(it has train, validation\): prepare it again'):
+        paper_in_miniature.main(['--quick', f'--out={tmp_path / "m"}', f'--data_dir={old}'])

@@ -5,8 +5,12 @@ alone and inside a whole transformer Block, at growing context lengths.
 Compared, on whatever device is present:
     rope_sdpa     RoPE + PyTorch's fused scaled_dot_product_attention: the bar to reach
     nope_sdpa     the same fused attention without any positional encoding (RoPE's own cost shows)
-    alibi_sdpa, t5_sdpa, kerple_sdpa   the additive biases on the same path (the bias made a block of
-                  queries at a time), xpos_sdpa RoPE with its decay: each encoding's model.py function
+    alibi_sdpa, t5_sdpa, kerple_sdpa, fire_sdpa   the additive biases on the same path (the bias made a
+                  block of queries at a time; FIRE's is its MLP on every (query, key) pair of the block),
+                  xpos_sdpa RoPE with its decay: each encoding's model.py function
+    cope          CoPE's own attention function, model.cope_attention: no fused kernel knows its summed
+                  gates, so with gradients (what is timed here) the reference runs whole, its Tq x Tk
+                  scores, gates and positions in memory (only evaluation runs it a block of queries at a time)
     tapa_naive    TAPA (Eq. 12) with the Tq x Tk scores materialized: the readable reference
     tapa_chunked  exact TAPA in tiles with its own backward: memory linear in T
     tapa_triton   the fused Triton kernel (only where tapa_triton.is_available())
@@ -45,8 +49,8 @@ import torch
 import fast_attention
 import model
 
-IMPLS = ['rope_sdpa', 'nope_sdpa', 'alibi_sdpa', 't5_sdpa', 'kerple_sdpa', 'xpos_sdpa', 'tapa_naive', 'tapa_chunked',
-         'tapa_triton']
+IMPLS = ['rope_sdpa', 'nope_sdpa', 'alibi_sdpa', 't5_sdpa', 'kerple_sdpa', 'fire_sdpa', 'xpos_sdpa', 'cope',
+         'tapa_naive', 'tapa_chunked', 'tapa_triton']
 WHATS = ['attn', 'block']
 
 # -----------------------------------------------------------------------------
@@ -66,7 +70,7 @@ def make_case(what, impl, L, args, device, dtype):
     tables = tuple(t.to(device) for t in pe.tables(cfg, D, L, device)) if pe.tables else None  # RoPE's, xPos's
     positions = torch.arange(L, device=device)
     pos = model.Positions(q=positions, k=positions, tables=tables)
-    params = pe.params(cfg).to(device) if pe.params else None  # ALiBi's slopes, T5's table, Kerple's r1, r2
+    params = pe.params(cfg).to(device) if pe.params else None  # ALiBi's slopes, T5's table, FIRE's MLP, ...
     g = torch.Generator(device='cpu').manual_seed(0)
 
     def randn(*shape, requires_grad=False):
@@ -80,7 +84,7 @@ def make_case(what, impl, L, args, device, dtype):
             if pos_encoding == 'tapa':
                 return fast_attention.tapa_attention(q, k, v, args.alpha, args.theta, args.phase, impl=attn_impl,
                                                      **({'chunk_size': args.chunk_size} if args.chunk_size else {}))
-            return pe.attend(q, k, v, pos, params, cfg)  # the encoding's attention function, on the SDPA path
+            return pe.attend(q, k, v, pos, params, cfg)  # the encoding's attention function (SDPA, or CoPE's own)
 
         def run():
             out = attention(q, k, v)

@@ -29,7 +29,11 @@ What the figures show (the derivations are in docs/positional_encodings.md):
   sinusoidal.png   the sinusoidal table PE(m, d), and PE(m).PE(n), a function of m - n alone.
   t5_buckets.png   T5's bucket of each distance: exact to 15, log-spaced to 128, one shared beyond.
   kerple_bias.png  Kerple's log bias -r1 log(1 + r2 (m-n)) for a few (r1, r2), next to ALiBi's lines.
+  fire_bias.png    FIRE's normalized distance u = psi(m-n)/psi(max(L, m)), the input of its MLP, for
+                   queries before and past the training length (always in [0, 1]), and one f of it.
   xpos_decay.png   xPos: the decay zeta_i^((m-n)/512) of a few pairs i of dims, up to 16k tokens.
+  cope_positions.png  CoPE's contextual positions on a sentence whose gates fire on spaces: it
+                   counts words, where the token distance counts bytes.
   From trained checkpoints (--ckpt), on real validation text:
   delta_hist.png   Appendix I of the paper: Delta = mean pre-softmax score over keys at distance
                    1..d_short minus mean over keys at distance >= d_long, per layer, head and query.
@@ -54,15 +58,16 @@ from torch.nn import functional as F
 import runtime
 from configurator import ConfigError, get_overrides
 from eval_ppl import resolve_ckpt_path
-from model import (PE_TABLE, XPOS_GAMMA, KerpleParams, Positions, alibi_bias, alibi_slopes, apply_rope, causal_mask,
-                   dot_product_attention, rope_frequencies, sinusoidal_embedding, t5_bucket, tapa_distance_weight,
-                   tapa_scores, tapa_split)
+from model import (PE_TABLE, XPOS_GAMMA, FIREParams, KerpleParams, Positions, alibi_bias, alibi_slopes, apply_rope,
+                   causal_mask, dot_product_attention, fire_bias, rope_frequencies, sinusoidal_embedding, t5_bucket,
+                   tapa_distance_weight, tapa_scores, tapa_split)
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
 out_dir = 'figures'
 figures = 'all'           # 'all' or a comma list of: rope_bias, tapa_decay, rope_scaling, alibi_bias,
-                          # nope_mask, sinusoidal, t5_buckets, kerple_bias, xpos_decay, delta_hist,
+                          # nope_mask, sinusoidal, t5_buckets, kerple_bias, fire_bias, xpos_decay,
+                          # cope_positions, delta_hist,
                           # attention_vs_distance, attention_maps, learned_positions
 dpi = 80                  # figures stay small (the docs commit them)
 seed = 1337
@@ -97,7 +102,7 @@ SETTINGS = {k: v for k, v in list(globals().items())
 # -----------------------------------------------------------------------------
 
 ALL_FIGURES = ('rope_bias', 'tapa_decay', 'rope_scaling', 'alibi_bias', 'nope_mask',
-               'sinusoidal', 't5_buckets', 'kerple_bias', 'xpos_decay',
+               'sinusoidal', 't5_buckets', 'kerple_bias', 'fire_bias', 'xpos_decay', 'cope_positions',
                'delta_hist', 'attention_vs_distance', 'attention_maps', 'learned_positions')
 CKPT_FIGURES = ('delta_hist', 'attention_vs_distance', 'attention_maps', 'learned_positions')
 
@@ -810,6 +815,128 @@ def plot_xpos_decay(cfg, path):
     plt.close(fig)
 
 
+def fire_params(n_head=2, block_size=128):
+    """model.FIREParams of a block_size model (c = 0.1, L = L0 = block_size / 4, as a fresh layer has
+    them), its MLP f set by hand instead of at random: head 0 is f(u) = u, so model.fire_bias hands
+    back the MLP's input u itself; head 1 is f(u) = -12 relu(u - 1/2), a head with no penalty up to
+    half of the normalized range and a steep one beyond (a window, the kind of shape f can learn)."""
+    params = FIREParams(SimpleNamespace(n_head=n_head, fire_threshold=0.0, block_size=block_size))
+    first, second = params.mlp[0], params.mlp[2]
+    with torch.no_grad():
+        for p in params.mlp.parameters():
+            p.zero_()
+        first.weight[0, 0], first.weight[1, 0], first.bias[1] = 1.0, 1.0, -0.5  # hidden 0: relu(u), 1: relu(u - 1/2)
+        second.weight[0, 0] = 1.0      # head 0: relu(u) = u (u >= 0)
+        second.weight[1, 1] = -12.0    # head 1: the window
+    return params
+
+
+def fire_row(params, m, head):
+    """f_head(u) for the query at absolute position m against the keys 0..m, through model.fire_bias
+    (one query, the last of m+1 positions); index j is the key n = j, distance m - j."""
+    with torch.no_grad():
+        return fire_bias(params, 1, m + 1, 'cpu')[head, 0]
+
+
+def plot_fire_bias(cfg, path):
+    """FIRE's normalized distance u = psi(m-n) / psi(max(L, m)) for queries at several positions m,
+    before and past a 128-token training length, and what one f makes of it at three of them."""
+    plt = get_pyplot()
+    T = 128  # the tiny configs' block_size: L0 = 32
+    params = fire_params(block_size=T)
+    L, c = float(params.L_multiplier.detach() * params.L0), float(params.c.detach())
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for j, m in enumerate((7, 31, 127, 511, 2047, 8191)):
+        u = fire_row(params, m, head=0).flip(-1)  # index = distance 0..m
+        note = f' (< L: up to {u[m]:.2f})' if m < L else ' (past the training length)' if m >= T else ''
+        # below L every query shares the denominator psi(L), so the short curves lie on each other:
+        # dashed on top, and a dot where each one ends (the key n = 0)
+        ax1.plot(np.arange(1, m + 1), u[1:].numpy(), color=f'C{j}', lw=1.5, ls='--' if m < L else '-',
+                 zorder=3 if m < L else 2, label=f'query at m = {m}{note}')
+        ax1.plot(m, u[m], 'o', color=f'C{j}', ms=4, zorder=3)
+    ax1.axhline(1, color='0.5', lw=0.5)
+    ax1.set_xscale('log')
+    ax1.set_ylim(0, 1.08)
+    ax1.set_xlabel('distance m - n (log scale)')
+    ax1.set_ylabel('u, the input of the MLP f')
+    ax1.set_title(f'FIRE: u = log(1 + c(m-n)) / log(1 + c max(L, m)), c = {c:g}, L = {L:g}\n'
+                  'every distance lands in [0, 1] at any length (dot: the first key, n = 0)', fontsize=9)
+    ax1.legend(fontsize=7.5, loc='upper left')
+    for j, m in enumerate((127, 511, 2047)):
+        bias = fire_row(params, m, head=1).flip(-1)
+        edge = int((bias == 0).nonzero().max())  # the farthest distance with no penalty
+        ax2.plot(np.arange(1, m + 1), bias[1:].numpy(), color=f'C{j + 2}', lw=1.5,
+                 label=f'm = {m}: no penalty up to distance {edge}')
+    ax2.set_xscale('log')
+    ax2.set_xlabel('distance m - n (log scale)')
+    ax2.set_ylabel('bias f(u) added to the score')
+    ax2.set_title('one f, f(u) = -12 relu(u - 1/2), at three query positions:\n'
+                  'the same curve of u, so its window widens with the context', fontsize=9)
+    ax2.legend(fontsize=7.5, loc='lower left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=cfg['dpi'])
+    plt.close(fig)
+
+
+# CoPE's example: a query and keys made so that the gate is ~1 on a space and ~0 on any other byte.
+COPE_SENTENCE = 'the cat sat on the mat and then it slept'
+
+
+def cope_positions(q, k, npos=None):
+    """CoPE's contextual positions p_mn = sum_{t=n..m} sigmoid(q_m.k_t / sqrt(D)), (B, H, Tq, Tk) for
+    queries at the last Tq positions, 0 for future keys: the first lines of model.cope_attention
+    (its gates and their sum from each key to the query), written out here because that function
+    returns only the attention output. tests/test_viz.py checks them against it."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    gates = torch.sigmoid(att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf')))
+    p = gates.flip(-1).cumsum(-1).flip(-1)
+    return p if npos is None else p.clamp(max=npos - 1)
+
+
+def cope_example(text=COPE_SENTENCE, logit=10.0, D=4):
+    """(q, k) of shape (1, 1, T, D) for the bytes of text: every q = s e_0, k = +s e_0 on a space and
+    -s e_0 elsewhere, s chosen so that q.k / sqrt(D) = +-logit: gates sigmoid(+-10) = 1 - 4.5e-5 and 4.5e-5."""
+    s = math.sqrt(logit * math.sqrt(D))
+    is_space = torch.tensor([ch == ' ' for ch in text], dtype=torch.float64)
+    q = torch.zeros(1, 1, len(text), D, dtype=torch.float64)
+    q[..., 0] = s
+    k = torch.zeros_like(q)
+    k[..., 0] = s * (2 * is_space - 1)
+    return q, k
+
+
+def plot_cope_positions(cfg, path):
+    """CoPE's positions p_mn on a hand-made sentence whose gates fire on spaces only, next to the
+    token distance m - n + 1 a position-by-token encoding would count."""
+    plt = get_pyplot()
+    text = COPE_SENTENCE
+    T = len(text)
+    q, k = cope_example(text)
+    p = cope_positions(q, k)[0, 0]  # (T, T)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={'width_ratios': [1.5, 1]})
+    n = np.arange(T)
+    ax1.plot(n, (T - n), 'o-', color='0.6', ms=2.5, lw=1, label='token distance m - n + 1')
+    ax1.plot(n, p[-1].numpy(), 'o-', color='C3', ms=3, lw=1.5, label='CoPE position p_mn (gates summed from n to m)')
+    ax1.set_xticks(n)
+    ax1.set_xticklabels([ch if ch != ' ' else '_' for ch in text], fontsize=7, family='monospace')
+    ax1.set_xlabel(f'key n (the query m = {T - 1} is the last byte; _ = a space)')
+    ax1.set_ylabel('position of key n seen from m')
+    ax1.set_title(f'CoPE, gate sigmoid(q.k / sqrt(D)) ~1 on spaces, ~0 elsewhere:\n'
+                  f'the first byte, {T - 1} bytes back, is at position {p[-1, 0]:.2f}: it counts words, not bytes',
+                  fontsize=9)
+    ax1.legend(fontsize=7.5, loc='upper right')
+    masked = np.ma.masked_where(np.triu(np.ones((T, T), dtype=bool), 1), p.numpy())
+    im = ax2.imshow(masked, cmap='viridis', interpolation='nearest')
+    fig.colorbar(im, ax=ax2, fraction=0.046, label='p_mn')
+    ax2.set_xlabel('key n')
+    ax2.set_ylabel('query m')
+    ax2.set_title('p_mn for every query: constant across a word,\none step up at each space', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=cfg['dpi'])
+    plt.close(fig)
+
+
 def ckpt_label(path, config):
     path = os.path.abspath(path)
     name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == 'ckpt.pt' else os.path.basename(path)
@@ -1022,7 +1149,8 @@ def main(argv=None):
     for name, fn in (('rope_bias', plot_rope_bias), ('tapa_decay', plot_tapa_decay),
                      ('rope_scaling', plot_rope_scaling), ('alibi_bias', plot_alibi), ('nope_mask', plot_nope),
                      ('sinusoidal', plot_sinusoidal), ('t5_buckets', plot_t5_buckets),
-                     ('kerple_bias', plot_kerple_bias), ('xpos_decay', plot_xpos_decay)):
+                     ('kerple_bias', plot_kerple_bias), ('fire_bias', plot_fire_bias),
+                     ('xpos_decay', plot_xpos_decay), ('cope_positions', plot_cope_positions)):
         if name in wanted:
             written.append(os.path.join(cfg['out_dir'], f'{name}.png'))
             fn(cfg, written[-1])

@@ -68,6 +68,24 @@ def test_small_run_writes_results_and_ratios(tmp_path):
     assert '/ rope_sdpa' in proc.stdout  # the ratio tables are printed
 
 
+
+@pytest.mark.parametrize('what', ['attn', 'block'])
+def test_every_row_runs_a_tiny_case(what):
+    """Every row of IMPLS (bar the GPU-only kernel) builds and runs forward + backward at a tiny size, in
+    this process: a row whose encoding changed its parameters or settings shows here, in seconds. And
+    every encoding with an attention function of its own has a row (learned and sinusoidal positions
+    use NoPE's attention, which nope_sdpa measures)."""
+    import torch
+    import model
+    rows = {impl.split('_')[0] for impl in bench.IMPLS}
+    own = {name for name, pe in model.PE_TABLE.items() if pe.attend is not model.attend_nope}
+    assert own <= rows, f"no bench row for {sorted(own - rows)}"
+    args = bench.build_parser().parse_args(['--n_head', '2', '--head_dim', '8', '--batch', '1'])
+    torch.manual_seed(0)
+    for impl in bench.IMPLS:
+        if impl != 'tapa_triton':
+            bench.make_case(what, impl, 24, args, torch.device('cpu'), torch.float32)()
+
 def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path):
     # an unknown TAPA phase makes every TAPA case fail (a ValueError, not a lack of memory): RoPE is
     # still measured, the TAPA row says 'error' with the reason, and the exit code says something failed

@@ -123,6 +123,47 @@ def test_tapa_variance_stays_bounded_away_from_zero():
 
 
 # -----------------------------------------------------------------------------
+# FIRE's and CoPE's figures: what they draw is what model.py computes
+
+
+def test_fire_figure_draws_the_normalized_distance():
+    """Head 0 of the figure's hand-set MLP hands back u = log(1 + c(m-n)) / log(1 + c max(L, m)) itself,
+    in [0, 1] at any length; head 1 is -12 relu(u - 1/2)."""
+    params = vb.fire_params(block_size=128)
+    c, L = 0.1, 32.0
+    for m in (7, 31, 127, 2047):
+        u = vb.fire_row(params, m, head=0).double()
+        dist = m - torch.arange(m + 1, dtype=torch.float64)
+        want = torch.log1p(c * dist) / math.log1p(c * max(L, m))
+        torch.testing.assert_close(u, want, rtol=1e-5, atol=1e-6)
+        assert u.min() >= 0 and u.max() <= 1 + 1e-6
+        torch.testing.assert_close(vb.fire_row(params, m, head=1).double(), -12 * (want - 0.5).clamp(min=0),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_cope_positions_are_those_of_cope_attention():
+    """softmax(q.k/sqrt(D) + q.e[p]) @ v with viz_bias's p (e interpolated as CoPE's Eq. 5) equals
+    model.cope_attention, for a KV cache's last queries too; and the figure's sentence counts spaces."""
+    from model import cope_attention
+    torch.manual_seed(0)
+    B, H, Tq, Tk, D, npos = 2, 3, 5, 12, 8, 6  # npos < Tk: some positions clamped to the last
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64) * 2 for T in (Tq, Tk, Tk))
+    pos_emb = torch.randn(D, npos, dtype=torch.float64)
+    p = vb.cope_positions(q, k, npos)
+    at_integers = q @ pos_emb
+    lo, hi = p.floor().long(), p.ceil().long()
+    w = p - p.floor()
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D) + at_integers.gather(-1, hi) * w + at_integers.gather(-1, lo) * (1 - w)
+    mask = torch.arange(Tk)[None, :] <= torch.arange(Tk - Tq, Tk)[:, None]
+    want = scores.masked_fill(~mask, float('-inf')).softmax(-1) @ v
+    torch.testing.assert_close(cope_attention(q, k, v, pos_emb), want)
+    q, k = vb.cope_example()
+    p = vb.cope_positions(q, k)[0, 0, -1]  # the last query against every key
+    spaces = torch.tensor([float(ch == ' ') for ch in vb.COPE_SENTENCE]).flip(0).cumsum(0).flip(0)
+    torch.testing.assert_close(p, spaces.double(), atol=1e-3, rtol=0)
+
+
+# -----------------------------------------------------------------------------
 # scores out of a checkpoint
 
 
@@ -295,7 +336,7 @@ def test_figures_are_written(tmp_path):
                        '--n_seqs=2', '--map_len=24', '--dpi=40'])
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(f'{n}.png' for n in vb.ALL_FIGURES)
-    for n in ('sinusoidal', 't5_buckets', 'kerple_bias', 'xpos_decay'):  # the four course encodings' figures
+    for n in ('sinusoidal', 't5_buckets', 'kerple_bias', 'fire_bias', 'xpos_decay', 'cope_positions'):  # the course encodings'
         assert f'{n}.png' in names, n
     for p in written:
         with open(p, 'rb') as f:

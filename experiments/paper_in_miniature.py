@@ -133,6 +133,25 @@ def show(argv):
     return ' '.join(shlex.quote(a) for a in argv)
 
 
+def finished_training(argv):
+    """True when the out_dir of this `python train.py ...` command already holds the checkpoint of a run
+    that reached its last step with exactly the settings the command gives (out_dir aside): such a
+    pretraining is not run again, so an interrupted miniature resumes without retraining, and a
+    --finetune=False run after a full one reuses its pretrained models."""
+    import train  # (torch is imported here, not at start-up)
+    from runtime import TrainError, load_checkpoint
+    try:
+        cfg, _ = train.resolve_config(get_overrides(train.DEFAULTS, argv[2:], train.OPTIONAL_TYPES))
+        path = os.path.join(cfg.out_dir, 'ckpt.pt')
+        if not os.path.exists(path):
+            return False
+        ckpt = load_checkpoint(path)
+    except (ConfigError, TrainError, OSError):
+        return False  # the run itself will say what is wrong
+    same = {k: v for k, v in ckpt['config'].items() if k != 'out_dir'} == {k: v for k, v in cfg.items() if k != 'out_dir'}
+    return same and ckpt['iter_num'] == cfg.max_iters
+
+
 def run_steps(steps, cfg, record):
     """Run (name, argv) steps, up to cfg['jobs'] at a time (they must not depend on each other).
     Each step's output goes to logs/<name>.log; its wall time is recorded."""
@@ -547,9 +566,13 @@ def main(argv):
 
         # 2. pretraining at context 128, once per seed
         n = cfg['pretrain_iters']
-        run_steps([(f'pretrain_{pe}-s{sd}', [py, 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ck(pe, sd)}',
-                                              f'--seed={sd}', f'--max_iters={n}', f'--lr_decay_iters={n}']
-                    + data + quick_train) for sd in seeds for pe in pes], cfg, times)
+        pretrain = [(f'pretrain_{pe}-s{sd}', [py, 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ck(pe, sd)}',
+                                               f'--seed={sd}', f'--max_iters={n}', f'--lr_decay_iters={n}']
+                     + data + quick_train) for sd in seeds for pe in pes]
+        for name, argv in [step for step in pretrain if finished_training(step[1])]:
+            print(f"  {name}: {show(argv)} finished before, with these settings: not run again", flush=True)
+            pretrain.remove((name, argv))
+        run_steps(pretrain, cfg, times)
 
         # 3. zero-shot evaluation, and RoPE with inference-time extension (no fine-tuning): eval_ppl.py's
         # own protocol (spans) on the report's split, every seed's models on the same spans

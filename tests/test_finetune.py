@@ -374,6 +374,23 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert (out / 'eval' / 'passkey-s1338.json').exists() and (out / 'eval' / 'finetuned-s1337.md').exists()
     if HAS_MATPLOTLIB:
         assert (out / 'ppl.png').stat().st_size > 10000
+    # run again, zero-shot only: the finished pretrainings (same settings) are reused, not retrained
+    digest = lambda p: hashlib.sha256(open(p, 'rb').read()).hexdigest()  # noqa: E731
+    before = {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds}
+    again = paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
+    assert {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds} == before
+    assert again['perplexity'][0]['results'][Ls[0]]['mean'] == rows[0]['results'][Ls[0]]['mean']
+    argv = ['python', 'train.py', 'configs/tiny_rope.py', f'--out_dir={out / "ckpt" / "rope-s1337"}', '--seed=1337',
+            f'--data_dir={data}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4']
+    n = paper_in_miniature.QUICK['pretrain_iters']
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert paper_in_miniature.finished_training(argv + [f'--max_iters={n}', f'--lr_decay_iters={n}'])
+        assert not paper_in_miniature.finished_training(argv + [f'--max_iters={n}', f'--lr_decay_iters={n + 1}'])
+        assert not paper_in_miniature.finished_training(argv + [f'--max_iters={n + 1}', f'--lr_decay_iters={n + 1}'])
+    finally:
+        os.chdir(cwd)
 
 
 def docs_sums(rng, n_docs, rate_spread=1.0):

@@ -569,9 +569,9 @@ def main(argv):
         pretrain = [(f'pretrain_{pe}-s{sd}', [py, 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ck(pe, sd)}',
                                                f'--seed={sd}', f'--max_iters={n}', f'--lr_decay_iters={n}']
                      + data + quick_train) for sd in seeds for pe in pes]
-        for name, argv in [step for step in pretrain if finished_training(step[1])]:
-            print(f"  {name}: {show(argv)} finished before, with these settings: not run again", flush=True)
-            pretrain.remove((name, argv))
+        for step in [step for step in pretrain if finished_training(step[1])]:  # (argv is this script's)
+            print(f"  {step[0]}: {show(step[1])} finished before, with these settings: not run again", flush=True)
+            pretrain.remove(step)
         run_steps(pretrain, cfg, times)
 
         # 3. zero-shot evaluation, and RoPE with inference-time extension (no fine-tuning): eval_ppl.py's

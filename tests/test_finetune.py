@@ -380,6 +380,7 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     again = paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
     assert {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds} == before
     assert again['perplexity'][0]['results'][Ls[0]]['mean'] == rows[0]['results'][Ls[0]]['mean']
+    assert again['command'].endswith('--finetune=False')  # its own command, not one of its steps'
     argv = ['python', 'train.py', 'configs/tiny_rope.py', f'--out_dir={out / "ckpt" / "rope-s1337"}', '--seed=1337',
             f'--data_dir={data}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4']
     n = paper_in_miniature.QUICK['pretrain_iters']

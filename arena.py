@@ -2,8 +2,9 @@
 A positional-encoding arena: synthetic tasks a small GPT learns on a CPU in minutes, and that tell
 the encodings apart past the length they were trained at.
 
-    python arena.py                                  # every encoding, the default suite (README.md: time)
+    python arena.py                                  # every encoding, two runs at a time (README.md: time)
     python arena.py --encodings=tapa,rope --seeds=3  # some encodings, three seeds each
+    python arena.py --tasks=needle --jobs=1          # one task, one run at a time
     python arena.py --quick                          # tiny settings, seconds: into runs/arena-quick/, never runs/arena/
 
 At the sizes a CPU trains, perplexity differs between encodings by a few percent and passkey
@@ -24,10 +25,15 @@ encoding a model trains at the training length L (block_size), then is tested at
           1..L/2 in training and at every test length; the column "k > L" draws k from L+1..2L,
           offsets no training row ever asked for.
 
+Training rows of recall and copy also ask, at each value (symbol) of the context, for the token just
+before it: it teaches the model to bind neighbours, without which a model this small sits for
+thousands of steps on a plateau (task_recall says why). The tests ask only what the task asks.
+
 Every encoding of model.PE_TABLE runs, in its recommended setting (TAPA: the small-model setting,
 tapa_phase_scale=0.05 and tapa_phase='linear', as configs/tiny_tapa_small_linear.py), under one
-budget; RoPE also with inference-time extensions (rope_extensions: YaRN and PI scaled to each test
-length, factor = length / L; dynamic NTK scales itself). Learned positions are n/a past L.
+budget; RoPE also with inference-time extensions (rope_extensions, default YaRN and dynamic NTK:
+YaRN, PI and NTK scaled to each test length, factor = length / L; dynamic NTK scales itself).
+Learned positions are n/a past L.
 
 The training is train.py's loop (train.train with a batch source and an evaluation hook): the batches
 are a pure function of (seed, iteration, micro-step), so checkpoints, the progress bar and an exact
@@ -68,7 +74,7 @@ rope_extensions = 'yarn,dynamic_ntk'  # RoPE at inference time: keys of model.RO
 tasks = 'needle,recall,copy,offset'   # the tasks, each trained and tested with a model of its own
 seeds = 1                    # models per task and encoding: seeds seed, seed+1, ...
 lengths = '1,2,4,8,16'       # test lengths, in multiples of the training length L = block_size
-jobs = 1                     # runs at the same time, each in a process of its own
+jobs = 2                     # runs at the same time, each in a process of its own (2: both cores of a laptop)
 threads = 0                  # torch threads per run (0 = torch's default; with jobs > 1: the CPUs / jobs)
 dpi = 110                    # of the figures
 # the tasks
@@ -80,13 +86,17 @@ depths = '0,0.25,0.5,0.75,1'  # needle: where the key-value pair sits, as a frac
 eval_rows = 100              # test rows per task and length (needle: per depth too)
 train_eval_rows = 32         # rows for the accuracy at L that each evaluation during training logs
 # train.py's settings, with the arena's defaults (the rest are train.py's; pos_encoding, out_dir,
-# init_from and the data settings are the arena's business)
+# init_from and the data settings are the arena's business). Chosen from short runs on one CPU core:
+# recall and copy need heads that find a token by its content, and the steps until they form grow
+# fast with the length (at L = 64 neither formed in 1,500 steps; at L = 32 copy did in 500); with two
+# layers recall formed by step 1,000 in 2 of 3 seeds, with three in 4 of 5; TAPA's copy was at 4%
+# after 1,000 steps and at 98% after 1,500. 2,000 steps leave a margin.
 block_size = 32              # the training length L
 n_layer = 3
 n_head = 4
 n_embd = 64
 batch_size = 64
-max_iters = 1000             # steps per model (one model per task and encoding)
+max_iters = 2000             # steps per model (one model per task and encoding)
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 100
@@ -113,7 +123,7 @@ OPTIONAL_TYPES = {k: v for k, v in train.OPTIONAL_TYPES.items() if k in DEFAULTS
 # out folder, so that a smoke test never mixes with (or refuses to run next to) a full run's
 QUICK = dict(out='runs/arena-quick', block_size=16, n_layer=1, n_head=2, n_embd=16, batch_size=8, max_iters=2,
              warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1, lengths='1,2', symbols=16, fillers=4,
-             pairs=2, queries=1, depths='0,1', eval_rows=4, train_eval_rows=2, dpi=30)
+             pairs=2, queries=1, depths='0,1', eval_rows=4, train_eval_rows=2, dpi=30, jobs=1)
 # each encoding's recommended setting, where the model's defaults are not it
 RECOMMENDED = {'tapa': dict(tapa_phase_scale=0.05, tapa_phase='linear')}
 # what evaluating a run depends on (anything else that changed needs new training: another --out)
@@ -304,7 +314,7 @@ def rope_extension(model, scaling, T, L):
         cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_block_size = saved
 
 
-def test_rows(task, T, cfg, **options):
+def held_out_rows(task, T, cfg, **options):
     """The fixed test rows of a task at length T: the same for every model and seed."""
     extra = [int(round(1000 * options['depth']))] if 'depth' in options else list(options.get('k_range', ()))
     rng = np.random.default_rng([EVAL_SEED, TASKS.index(task), T, *extra])
@@ -327,7 +337,7 @@ def evaluate_model(model, task, cfg, device, label, run):
         for T in cfg['length_list']:
             for name, options in tests:
                 try:
-                    x, y = test_rows(task, T, cfg, **options)
+                    x, y = held_out_rows(task, T, cfg, **options)
                 except ValueError:  # e.g. offsets > L at length L: no such row
                     scores = dict.fromkeys(['exact', 'token'] if task == 'copy' else ['exact'])
                 else:
@@ -578,7 +588,7 @@ def markdown(cfg, records, labels, notes, summary):
         md += ['Notes: ' + '; '.join(f'{k}: {v}' for k, v in notes.items()), '']
     md += ['## Time per run (wall seconds)', '', '| run | training | evaluation |', '|---|---:|---:|']
     md += [f"| {k} | {v['train_seconds']} | {v['eval_seconds']} |" for k, v in summary['runs'].items()]
-    md += ['', 'Every run: runs/<encoding>-seed<n>/ (ckpt.pt, log.jsonl, eval.json).', '']
+    md += ['', 'Every run: runs/<task>/<encoding>-seed<n>/ (ckpt.pt, log.jsonl, eval.json).', '']
     return '\n'.join(md)
 
 
@@ -692,10 +702,15 @@ def main(argv):
             cfg['threads'] = max(1, (os.cpu_count() or 1) // cfg['jobs'])
         print(f"{len(jobs)} runs, {cfg['jobs']} at a time, {cfg['threads']} thread(s) each; each run's output: "
               f"output.log in its folder", flush=True)
-        with ProcessPoolExecutor(cfg['jobs'], mp_context=multiprocessing.get_context('spawn')) as pool:
+        pool = ProcessPoolExecutor(cfg['jobs'], mp_context=multiprocessing.get_context('spawn'))
+        try:
             futures = {pool.submit(run_job, cfg, given, *job, quiet=True): job for job in jobs}
             for future in as_completed(futures):
                 report(futures[future], future.result())
+        except BaseException:  # Ctrl-C or a failed run: start no other (what ran is kept: run again to go on)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     else:
         for job in jobs:
             print(f"{job[0]}, {job[1]}, seed {job[2]}: {run_dir(cfg, *job)}", flush=True)

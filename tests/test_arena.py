@@ -4,6 +4,8 @@ train.py's loop with the arena's batch source and evaluation hook, and --quick e
 import csv
 import json
 import os
+import re
+import shlex
 import sys
 
 import numpy as np
@@ -267,3 +269,15 @@ def test_bad_settings_are_one_line_errors(arg, message):
     with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')) as e:
         arena.resolve([arg])
     assert '\n' not in str(e.value)
+
+
+def test_the_documented_commands_are_valid():
+    """README.md's and the guided tour's arena commands parse and pass the checks (without running)."""
+    commands = []
+    for doc in ('README.md', os.path.join('docs', 'positional_encodings.md')):
+        with open(os.path.join(REPO, doc)) as f:
+            text = f.read()
+        commands += re.findall(r'^python arena\.py.*$', text, re.M) + re.findall(r'`(python arena\.py[^`]*)`', text)
+    assert len(commands) >= 4
+    for command in commands:
+        arena.resolve(shlex.split(command, comments=True)[2:])

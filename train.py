@@ -11,7 +11,8 @@ continues exactly where it stopped) and log.jsonl (a JSON line per log_interval 
 
 Reuse: the whole run is the function train(overrides, model=None). finetune_long.py calls it with a
 pretrained model whose context it has raised (finetune_long.change_context), and so gets this same loop:
-data, learning rate schedule, evaluation, checkpoints, logging, resume. Other scripts use
+data, learning rate schedule, evaluation, checkpoints, logging, resume; arena.py with a batch source of
+synthetic tasks instead of token files, and an evaluation hook that measures accuracy. Other scripts use
 get_overrides (configurator.py), and load_checkpoint and model_from_checkpoint from runtime.py, which
 also holds the device and precision policy and the checkpoint plumbing this file uses.
 """
@@ -253,18 +254,22 @@ def get_lr(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, paths, cfg, device, autocast):
+def estimate_loss(model, paths, cfg, device, autocast, batch_source=None):
     """Mean loss over eval_iters batches of each split. The batches come from a generator with a fixed
     seed, made anew at each call: every evaluation of every run sees the *same* batches, so two val
     losses differ because the models differ, not because of sampling noise. It also leaves the
-    training's random streams (batches, dropout) untouched, which an exact resume relies on."""
+    training's random streams (batches, dropout) untouched, which an exact resume relies on.
+    A batch_source (see train) gives batches k = 0..eval_iters-1 of each split: fixed batches too."""
     model.eval()  # no dropout, so no random draws here either
     out = {}
     for i, split in enumerate(('train', 'validation')):
         generator = torch.Generator().manual_seed(EVAL_SEED + i)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            X, Y = get_batch(paths[split], cfg.batch_size, cfg.block_size, generator, device)
+            if batch_source is None:
+                X, Y = get_batch(paths[split], cfg.batch_size, cfg.block_size, generator, device)
+            else:
+                X, Y = (t.to(device) for t in batch_source(split, k, 0))
             with autocast:
                 _, loss = model(X, Y)
             losses[k] = loss.item()
@@ -276,12 +281,15 @@ def estimate_loss(model, paths, cfg, device, autocast):
 # -----------------------------------------------------------------------------
 # the training run
 
-def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES):
+def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPES, batch_source=None, evaluate=None):
     """Run training with these settings (as returned by get_overrides; the rest are defaults).
     model: start from this model instead of a new one (iteration 0, a fresh optimizer); its
     architecture wins over the settings. defaults: a script that reuses this loop with settings of
     its own passes its defaults (a superset of DEFAULTS, with optional_types for those defaulting to
     None); they are saved in the checkpoint too.
+    batch_source(split, iteration, micro_step) -> (x, y): the batches instead of the token files (a pure
+    function of its arguments, so a resume needs no state of it); a new run then needs `model`, whose
+    vocabulary is the source's. evaluate(model) -> dict: run at every evaluation, logged with the losses.
     Returns {'iter_num', 'best_val_loss', 'val_loss', 'model'}."""
     cfg, checkpoint = resolve_config(dict(overrides), defaults, optional_types, model)
     out_dir, gas = cfg.out_dir, cfg.gradient_accumulation_steps
@@ -305,13 +313,17 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
         torch.backends.cudnn.allow_tf32 = True
     autocast = autocast_for(device, dtype)  # mixed precision on GPUs (runtime.py: one policy for every script)
 
-    if world_size > 1 and not master:  # rank 0 prepares pycode on first use, alone; the others wait for it
-        dist.barrier()
-    data_dir, meta, paths, lengths = find_data(cfg)
-    if world_size > 1 and master:
-        dist.barrier()
+    paths = None  # with a batch_source there are no token files
+    if batch_source is None:
+        if world_size > 1 and not master:  # rank 0 prepares pycode on first use, alone; the others wait for it
+            dist.barrier()
+        data_dir, meta, paths, lengths = find_data(cfg)
+        if world_size > 1 and master:
+            dist.barrier()
+    elif model is None and checkpoint is None:
+        raise ConfigError("train(batch_source=...) needs a model to start from: a batch source has no vocab_size")
     # GPT-2's 50257 tokens padded up to a multiple of 64 (50304): faster matmuls, the extra rows go unused
-    vocab_size = -(-meta['vocab_size'] // 64) * 64
+    vocab_size = -(-meta['vocab_size'] // 64) * 64 if paths else None
     if checkpoint is not None:  # its vocab_size too (the other architecture settings are in cfg already)
         vocab_size = checkpoint['model_args']['vocab_size']
     if model is None:
@@ -319,7 +331,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     model.config.activation_checkpointing = cfg.activation_checkpointing  # (a given model takes this run's)
     if rank > 0:  # the same initial weights everywhere (seed above), but each rank its own dropout masks
         torch.manual_seed(cfg.seed + rank)
-    if model.config.vocab_size < meta['vocab_size']:
+    if paths and model.config.vocab_size < meta['vocab_size']:
         raise TrainError(f"the model has {model.config.vocab_size} token embeddings but {data_dir} "
                          f"uses {meta['vocab_size']} tokens: it was trained with another tokenizer")
     model.to(device)
@@ -347,7 +359,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
               f"{cfg.lr_decay_iters}); pass --lr_decay_iters={cfg.max_iters} for the whole schedule")
     say(f"device {device}, dtype {dtype}, compile {use_compile}, {world_size} process(es)")
     say(f"data {data_dir}: {lengths['train']:,} train / {lengths['validation']:,} validation tokens, "
-          f"vocab {meta['vocab_size']} ({meta['tokenizer']})")
+        f"vocab {meta['vocab_size']} ({meta['tokenizer']})" if paths else "data: the batch source given to train()")
     say(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.config.pos_encoding}, "
           f"{raw_model.config.n_layer} layers, n_embd {raw_model.config.n_embd}, context {cfg.block_size}")
     say(f"tokens per iteration: {gas} x {cfg.batch_size} x {cfg.block_size} = {tokens_per_iter:,}")
@@ -405,7 +417,7 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             # A resumed run skips the evaluation at its first iteration: it happened before the save.
             if cfg.eval_only or ((iter_num % cfg.eval_interval == 0 or at_end)
                                     and not (resumed and iter_num == start_iter)):
-                losses = estimate_loss(eval_model, paths, cfg, device, autocast)
+                losses = estimate_loss(eval_model, paths, cfg, device, autocast, batch_source)
                 # every rank evaluated the same batches: their mean, so that all decide alike below
                 losses = dict(zip(losses, mean_over_ranks(list(losses.values()), world_size, device)))
                 say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
@@ -415,8 +427,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
                     raise TrainError(f"the validation loss is {losses['validation']} at iter {iter_num}: training "
                                      f"diverged. Nothing was saved from this state; {last_good()}. Try a lower "
                                      f"learning_rate or a longer warmup")
-                log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'],
-                     'val_loss': losses['validation'], 'lr': lr, 'elapsed_s': round(time.time() - t_start, 3)})
+                log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['validation'],
+                     'lr': lr, **(evaluate(raw_model) if evaluate else {}), 'elapsed_s': round(time.time() - t_start, 3)})
                 improved = losses['validation'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['validation'])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint or at_end):
@@ -438,10 +450,14 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
             mine = range(rank, gas, world_size)
             loss_sum = 0.0
             for micro_step in range(gas):
-                X, Y = get_batch(paths['train'], cfg.batch_size, cfg.block_size, batch_generator, device,
-                                 load=micro_step in mine)
+                if batch_source is None:
+                    X, Y = get_batch(paths['train'], cfg.batch_size, cfg.block_size, batch_generator, device,
+                                     load=micro_step in mine)
+                else:  # a pure function of the step: no state to save, and other ranks' batches need no drawing
+                    X, Y = batch_source('train', iter_num, micro_step) if micro_step in mine else (None, None)
                 if X is None:
                     continue  # another rank's
+                X, Y = X.to(device), Y.to(device)  # (a no-op for get_batch's)
                 if world_size > 1:  # DDP averages the gradients over the ranks once, at the last of them
                     model.require_backward_grad_sync = micro_step == mine[-1]
                 with autocast:

@@ -300,9 +300,11 @@ def test_every_config_file_loads_and_checks():
         assert tiny['pos_encoding'] == gpu['pos_encoding'] == pe
         assert (tiny['n_layer'], tiny['n_embd'], tiny['n_head'], tiny['block_size'], tiny['batch_size']) == (4, 128, 4, 128, 16)
         assert (tiny['dataset'], tiny['tokenizer']) == ('pg19', 'byte')
-        # the tiny configs differ only in the positional encoding (and where they write)
+        # the tiny configs differ only in the positional encoding, its tuned peak learning rate (with
+        # min_lr a tenth of it, as in every config) and where they write
         differ = {k for k in tiny if tiny[k] != loaded['tiny_rope'][k]}
-        assert differ <= {'pos_encoding', 'out_dir'}
+        assert differ <= {'pos_encoding', 'out_dir', 'learning_rate', 'min_lr'}
+        assert tiny['min_lr'] == pytest.approx(tiny['learning_rate'] / 10)
         assert (gpu['n_layer'], gpu['n_embd'], gpu['n_head'], gpu['tokenizer']) == (12, 768, 12, 'gpt2')
         assert gpu['block_size'] in (1024, 2048)
     assert len({loaded[f'tiny_{pe}']['out_dir'] for pe in pes}) == 5

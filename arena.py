@@ -50,7 +50,6 @@ import csv
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -63,7 +62,7 @@ from tqdm import tqdm
 import train
 from configurator import ConfigError, get_overrides
 from model import GPT, GPTConfig, PE_TABLE, ROPE_SCALINGS
-from runtime import TrainError, check_writable, load_checkpoint, model_from_checkpoint, pick_device
+from runtime import TrainError, check_writable, load_checkpoint, machine, model_from_checkpoint, pick_device
 
 # -----------------------------------------------------------------------------
 # the arena's settings (python arena.py --key=value; --quick alone means --quick=True)
@@ -646,24 +645,12 @@ def plot(cfg, records, labels, out_dir):
             ax.axis('off')
         for ax in axes[:, 0]:
             ax.set_ylabel('depth', fontsize=8)
-        fig.suptitle(f'needle: exact match (%) by test length and depth (0 = the start of the row)', fontsize=9)
+        fig.suptitle('needle: exact match (%) by test length and depth (0 = the start of the row)', fontsize=9)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, 'needle.png'))
         fig.savefig(paths[1], dpi=cfg['dpi'])
         plt.close(fig)
     return paths
-
-
-def hardware(threads):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
-                torch_threads=threads or torch.get_num_threads(), platform=platform.platform())
 
 
 def run_job(cfg, given, task, pe, seed, quiet=False):
@@ -724,7 +711,7 @@ def main(argv):
     labels = list(dict.fromkeys(r['label'] for r in records))
     wall = time.time() - t_start
     command = ('python arena.py ' + ' '.join(argv)).strip()
-    summary = dict(command=command, settings={k: cfg[k] for k in DEFAULTS}, hardware=hardware(cfg['threads']),
+    summary = dict(command=command, settings={k: cfg[k] for k in DEFAULTS}, hardware=machine(cfg['threads']),
                    wall_seconds=round(wall, 1), lengths=cfg['length_list'], labels=labels, runs=runs,
                    notes=notes, records=records)
     out_dir = cfg['out']

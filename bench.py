@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ import torch
 
 import fast_attention
 import model
+import runtime
 
 IMPLS = ['rope_sdpa', 'nope_sdpa', 'alibi_sdpa', 't5_sdpa', 'kerple_sdpa', 'fire_sdpa', 'xpos_sdpa', 'cope',
          'tapa_naive', 'tapa_chunked', 'tapa_triton']
@@ -205,16 +205,7 @@ def describe_device(device):
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    name = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, " \
+    return f"{runtime.cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, " \
            f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 

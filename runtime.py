@@ -6,6 +6,7 @@ and read back (everything needed to continue a run as if it had never stopped).
 
 import json
 import os
+import platform
 import random
 import socket
 import zipfile
@@ -45,6 +46,26 @@ def available_devices():
         names.append("'mps'")
     return ', '.join(names)
 
+
+
+def cpu_name():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        if names:
+            return names[0]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads=0):
+    """What a measurement ran on, for its results file; torch_threads: `threads` (the threads each
+    command was given), else OMP_NUM_THREADS, else torch's own count in this process."""
+    threads = threads or os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()
+    return dict(cpu=cpu_name(), logical_cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                torch_threads=int(threads), platform=platform.platform())
 
 def pick_device(name):
     """'auto' = the best device present; any other name must be a device this machine has (torch

@@ -71,7 +71,6 @@ import csv
 import json
 import math
 import os
-import platform
 import resource
 import runpy
 import shlex
@@ -218,20 +217,6 @@ def tail(path, n=15):
 
 # -----------------------------------------------------------------------------
 # the machine
-
-
-def hardware(cfg):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import torch
-    threads = cfg['threads'] or os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
-                torch_threads=int(threads), platform=platform.platform())
 
 
 def cpu_seconds():
@@ -638,7 +623,8 @@ def main(argv):
     n_docs = len(scored['doc_ids'])
     few = (f"Note: {n_docs} documents: the intervals, resampling documents, understate the variance between books "
            f"({FEW_DOCS} or more give them meaning).") if n_docs < FEW_DOCS and cfg['bootstrap'] else ''
-    hw = hardware(cfg)
+    from runtime import machine  # (imports torch: not at start-up)
+    hw = machine(cfg['threads'])
     command = 'python experiments/paper_in_miniature.py ' + ' '.join(argv)
     summary = dict(command=command.strip(), settings={k: cfg[k] for k in DEFAULTS}, hardware=hw,
                    wall_seconds=round(wall, 1), cpu_seconds=round(cpu, 1), load_average_start=load_start,

@@ -13,8 +13,8 @@ batches of 16 x 128 bytes, the same fixed batches for every run (train.py draws 
 from a fixed seed). The sweep tunes on the validation split; the miniature reports on the test split,
 so the tuning does not select on the text it is judged on.
 
-A run that has already finished in --out (its log holds the evaluation at the last step) is not
-rerun, so encodings can be added to a sweep later and the table covers all of them. Output in --out
+A run that has already finished in --out with the settings its command gives (its checkpoint at the
+last step, every setting the same: paper_in_miniature.finished_training) is not rerun, so encodings can be added to a sweep later and the table covers all of them. Output in --out
 (default runs/lr_sweep; with --quick, runs/lr_sweep-quick): results.md (validation loss per encoding
 and rate, the best in bold; a best at the edge of the grid says the grid should be widened), results.json,
 results.csv, each run's checkpoint and log.jsonl in ckpt/<pe>-lr<lr>/, each command's output in logs/.
@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configurator import ConfigError, get_overrides  # noqa: E402
-from paper_in_miniature import StepFailed, hardware, last_val_loss, run_steps  # noqa: E402
+from paper_in_miniature import StepFailed, finished_training, last_val_loss, run_steps  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (python experiments/lr_sweep.py --key=value; --quick alone means --quick=True)
@@ -55,13 +55,13 @@ def run_name(pe, lr):
     return f'{pe}-lr{lr:g}'
 
 
-def finished(out_dir, iters):
-    """The (iter, val loss) of a run that reached its last step, else None."""
+def final_val_loss(out_dir, iters):
+    """The validation loss of a run at its last step, iters, else None."""
     try:
         last = last_val_loss(out_dir)
     except (OSError, ValueError):
         return None
-    return last if last is not None and last[0] == iters and os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else None
+    return last[1] if last is not None and last[0] == iters else None
 
 
 def main(argv):
@@ -94,23 +94,23 @@ def main(argv):
                           "--num_books 50 --splits train validation (or --data_dir)")
     n = cfg['iters']
     warmup = min(100, n // 10)
-    steps = []
-    for pe in pes:
-        for lr in rates:
-            ckpt = os.path.join(out_dir, 'ckpt', run_name(pe, lr))
-            if finished(ckpt, n):
-                print(f"  {run_name(pe, lr)}: finished before, not rerun")
-                continue
-            steps.append((run_name(pe, lr), ['python', 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ckpt}',
-                                             f'--learning_rate={lr:g}', f'--min_lr={lr / 10:g}',
-                                             f'--max_iters={n}', f'--lr_decay_iters={n}', f'--warmup_iters={warmup}',
-                                             f'--eval_interval={n}', f'--eval_iters={cfg["eval_iters"]}',
-                                             f'--seed={cfg["seed"]}', '--log_interval=50'] + data))
     t0 = time.time()
     times = {}
     old_cwd = os.getcwd()
-    os.chdir(REPO)
+    os.chdir(REPO)  # (the commands' config files are relative to it)
     try:
+        steps = []
+        for pe in pes:
+            for lr in rates:
+                ckpt = os.path.join(out_dir, 'ckpt', run_name(pe, lr))
+                command = ['python', 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ckpt}',
+                           f'--learning_rate={lr:g}', f'--min_lr={lr / 10:g}', f'--max_iters={n}',
+                           f'--lr_decay_iters={n}', f'--warmup_iters={warmup}', f'--eval_interval={n}',
+                           f'--eval_iters={cfg["eval_iters"]}', f'--seed={cfg["seed"]}', '--log_interval=50'] + data
+                if finished_training(command):  # (the same run, with the same settings, already done)
+                    print(f"  {run_name(pe, lr)}: finished before, not rerun")
+                else:
+                    steps.append((run_name(pe, lr), command))
         with open(os.path.join(out_dir, 'commands.sh'), 'a') as f:
             f.write(f"# python experiments/lr_sweep.py {' '.join(argv)}\n")
         run_steps(steps, cfg, times)
@@ -118,18 +118,19 @@ def main(argv):
         os.chdir(old_cwd)
 
     # the table: validation loss per encoding (rows) and rate (columns)
-    loss = {pe: {lr: finished(os.path.join(out_dir, 'ckpt', run_name(pe, lr)), n) for lr in rates} for pe in pes}
+    loss = {pe: {lr: final_val_loss(os.path.join(out_dir, 'ckpt', run_name(pe, lr)), n) for lr in rates} for pe in pes}
     best = {}
     lines = ['| config | ' + ' | '.join(f'lr {lr:g}' for lr in rates) + ' | best |',
              '|---|' + '---:|' * (len(rates) + 1)]
     for pe in pes:
-        got = {lr: v[1] for lr, v in loss[pe].items() if v is not None}
+        got = {lr: v for lr, v in loss[pe].items() if v is not None}
         best[pe] = min(got, key=got.get) if got else None
         cells = [('n/a' if lr not in got else f'**{got[lr]:.4f}**' if lr == best[pe] else f'{got[lr]:.4f}')
                  for lr in rates]
         edge = '' if best[pe] is None or len(rates) < 3 or rates[0] < best[pe] < rates[-1] else ' (edge of the grid)'
         lines.append(f'| tiny_{pe} | ' + ' | '.join(cells) + f" | {'n/a' if best[pe] is None else f'{best[pe]:g}'}{edge} |")
-    hw = hardware(cfg)
+    from runtime import machine  # (imports torch: not at start-up)
+    hw = machine(cfg['threads'])
     wall = time.time() - t0
     md = ['# Learning-rate sweep of the tiny configs', '',
           f"`python experiments/lr_sweep.py {' '.join(argv)}`".replace(' `', '`'), '',
@@ -141,7 +142,7 @@ def main(argv):
           f"{hw['logical_cpus']} logical CPUs, {cfg['jobs']} run(s) at a time, "
           f"{hw['torch_threads']} thread(s) each.", '']
     summary = dict(settings={k: cfg[k] for k in DEFAULTS}, hardware=hw, wall_seconds=round(wall, 1),
-                   run_seconds=times, val_loss={pe: {f'{lr:g}': (None if v is None else v[1]) for lr, v in loss[pe].items()}
+                   run_seconds=times, val_loss={pe: {f'{lr:g}': v for lr, v in loss[pe].items()}
                                                 for pe in pes},
                    best_lr={pe: best[pe] for pe in pes})
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
@@ -154,7 +155,7 @@ def main(argv):
         w.writerow(['config', 'learning_rate', 'val_loss', 'best'])
         for pe in pes:
             for lr, v in loss[pe].items():
-                w.writerow([f'tiny_{pe}', f'{lr:g}', '' if v is None else v[1], lr == best[pe]])
+                w.writerow([f'tiny_{pe}', f'{lr:g}', '' if v is None else v, lr == best[pe]])
     print('\n'.join(md))
     print(f"wrote {out_dir}/results.md, results.json, results.csv")
     return summary

@@ -40,6 +40,10 @@ def test_lr_sweep_quick_trains_each_rate_and_picks_the_lowest_validation_loss(tm
     capsys.readouterr()
     lr_sweep.main(args)  # again: nothing is retrained
     assert capsys.readouterr().out.count('finished before, not rerun') == 4
+    lr_sweep.main(args + ['--seed=7'])  # the same folders, other settings: every run is trained again
+    assert 'finished before' not in capsys.readouterr().out
+    from runtime import load_checkpoint
+    assert load_checkpoint(str(out / 'ckpt' / 'rope-lr0.001' / 'ckpt.pt'))['config']['seed'] == 7
 
 
 @pytest.mark.parametrize('arg,message', [('--encodings=rope,nosuch', 'there is no configs/tiny_nosuch.py'),

@@ -45,7 +45,7 @@ REFERENCES = {
     'dot_product_attention': ('dot_product_attention', 'causal_mask'),
     'tapa_attention': ('tapa_attention', 'tapa_scores', 'tapa_distance_weight', 'tapa_split', 'causal_mask',
                        'autocast_off'),
-    'cope_attention': ('cope_attention', 'causal_mask'),
+    'cope_attention': ('cope_attention', 'cope_positions', 'causal_mask'),
 }
 FINGERPRINTS = {
     'dot_product_attention': '0991e816063681d2',
@@ -55,7 +55,8 @@ FINGERPRINTS = {
     'tapa_distance_weight': 'ff47f5fb6d95fb9a',
     'tapa_split': '8a5a5d4576ae1982',
     'autocast_off': '1aa46449e9534f35',
-    'cope_attention': 'b2af82b01f57e10b',
+    'cope_attention': 'e6fa0af8eaa6c8b4',
+    'cope_positions': '9e9f511b4883c80c',
 }
 NAIVE_SCORES = 128 * 128  # TAPA: up to this many scores per head the reference itself is fastest
 

@@ -396,6 +396,13 @@ def attend_xpos(q, k, v, pos, params, cfg):
 # authors' code); positions past the last share it. cope_npos = block_size by default: p_mn <= m - n + 1,
 # so at the training length no position is cut. A longer context keeps the table (finetune_long.py
 # changes nothing): positions count gates, not tokens, and the rare ones past the table share its last.
+def cope_positions(att, npos):
+    """p_mn = sum_{t=n..m} sigmoid(att_mt) from the logits att (..., Tq, Tk), -inf for future keys (gate 0),
+    at most npos - 1 (the last position embedding)."""
+    gates = torch.sigmoid(att)
+    return gates.flip(-1).cumsum(-1).flip(-1).clamp(max=npos - 1)  # the sum over t >= n
+
+
 def cope_attention(q, k, v, pos_emb):
     """q (B, H, Tq, D) at the last Tq positions, k, v (B, H, Tk, D), pos_emb (D, npos) -> (B, H, Tq, D)."""
     Tq, Tk = q.size(-2), k.size(-2)
@@ -403,8 +410,7 @@ def cope_attention(q, k, v, pos_emb):
     q, k = q.to(dtype), k.to(dtype)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
-    gates = torch.sigmoid(att)  # 0 for future keys
-    p = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=pos_emb.size(-1) - 1)  # p_mn = sum of g_mt over t >= n
+    p = cope_positions(att, pos_emb.size(-1))  # (B, H, Tq, Tk)
     at_integers = q @ pos_emb.to(dtype)  # (B, H, Tq, npos): q_m.e[i] for every integer position i
     lo, hi = p.floor(), p.ceil()
     w = p - lo  # the gradient reaches the gates through the interpolation weight

@@ -61,6 +61,7 @@ from eval_ppl import resolve_ckpt_path
 from model import (PE_TABLE, XPOS_GAMMA, FIREParams, KerpleParams, Positions, alibi_bias, alibi_slopes, apply_rope,
                    causal_mask, dot_product_attention, fire_bias, rope_frequencies, sinusoidal_embedding, t5_bucket,
                    tapa_distance_weight, tapa_scores, tapa_split)
+from model import cope_positions as model_cope_positions  # (this file's cope_positions starts from q and k)
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
@@ -884,14 +885,13 @@ COPE_SENTENCE = 'the cat sat on the mat and then it slept'
 
 def cope_positions(q, k, npos=None):
     """CoPE's contextual positions p_mn = sum_{t=n..m} sigmoid(q_m.k_t / sqrt(D)), (B, H, Tq, Tk) for
-    queries at the last Tq positions, 0 for future keys: the first lines of model.cope_attention
-    (its gates and their sum from each key to the query), written out here because that function
-    returns only the attention output. tests/test_viz.py checks them against it."""
+    queries at the last Tq positions, 0 for future keys: model.cope_attention's logits, then its
+    model.cope_positions (that function returns only the attention output). tests/test_viz.py checks
+    them against it."""
     Tq, Tk = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    gates = torch.sigmoid(att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf')))
-    p = gates.flip(-1).cumsum(-1).flip(-1)
-    return p if npos is None else p.clamp(max=npos - 1)
+    att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
+    return model_cope_positions(att, math.inf if npos is None else npos)
 
 
 def cope_example(text=COPE_SENTENCE, logit=10.0, D=4):

@@ -162,6 +162,27 @@ def test_accuracy_by_hand():
     assert arena.accuracy('recall', pred, torch.full((2, 4), -1)) == {'exact': None}  # nothing asked: n/a
 
 
+def test_results_table_shows_the_mean_and_the_spread_over_seeds():
+    cfg, _ = arena.resolve(['--quick', '--seeds=2', '--tasks=needle', '--encodings=tapa', '--lengths=1,2'])
+    L = cfg['block_size']
+    by_seed = {(L, 1337): 0.9, (L, 1338): 1.0, (2 * L, 1337): 0.5, (2 * L, 1338): 0.7}
+    records = [dict(label='tapa', encoding='tapa', extension=None, seed=seed, task='needle', metric='exact',
+                    length=T, depth=None, accuracy=a) for (T, seed), a in by_seed.items()]
+    summary = dict(command='python arena.py', wall_seconds=60, runs={},
+                   hardware=dict(cpu='x', logical_cpus=2, torch='2', torch_threads=1))
+    md = arena.markdown(cfg, records, ['tapa'], {}, summary)
+    assert '| tapa | 95 (90-100) | 60 (50-70) |' in md  # mean (lowest-highest seed)
+    assert 'in brackets the lowest and highest seed' in md
+    # the check at L flags a model when any seed falls below 95%, even with a mean above it
+    assert 'Below 95% at L on needle, recall or copy (in some seed): tapa needle 95 (90-100)%.' in md
+    records[1]['accuracy'] = 0.96
+    records[0]['accuracy'] = 0.97
+    assert 'Every model reaches 95% at L on needle, recall and copy, in every seed.' in \
+        arena.markdown(cfg, records, ['tapa'], {}, summary)
+    one = arena.markdown({**cfg, 'seeds': 1}, records[::2], ['tapa'], {}, summary)
+    assert '| tapa | 97 | 50 |' in one and 'in brackets' not in one
+
+
 # ---------------------------------------------------------------------------
 # train.py's loop with a batch source and an evaluation hook
 

@@ -528,6 +528,11 @@ TITLES = [('needle', 'exact', 'needle: the value (mean over depths)'),
           ('copy', 'token', 'copy: per token'),
           ('offset', 'exact', 'offset: the token k back, k in 1..L/2'),
           ('offset_far', 'exact', 'offset: k > L (offsets never trained)')]
+# the summary table at the top of results.md (the README's): (task, metric, test length as a multiple of L)
+SUMMARY = [('needle', 'exact', 1), ('needle', 'exact', 4), ('needle', 'exact', 16),
+           ('recall', 'exact', 1), ('recall', 'exact', 4), ('recall', 'exact', 16),
+           ('copy', 'exact', 1), ('copy', 'token', 2), ('offset', 'exact', 1), ('offset', 'exact', 4),
+           ('offset_far', 'exact', 2)]
 
 
 def seed_table(records):
@@ -548,17 +553,17 @@ def fmt(v):
 
 
 def cell(values):
-    """A table cell: the mean over seeds in %, with the seeds' min-max when there are several."""
+    """A table cell: the mean over seeds in %, with the seeds' min-max where they differ."""
     if values is None or None in values:
         return 'n/a'
-    mean = fmt(sum(values) / len(values))
-    return mean if len(values) == 1 else f'{mean} ({fmt(min(values))}-{fmt(max(values))})'
+    mean, low, high = fmt(sum(values) / len(values)), fmt(min(values)), fmt(max(values))
+    return mean if low == high else f'{mean} ({low}-{high})'
 
 
 def markdown(cfg, records, labels, notes, summary):
     L, Ls = cfg['block_size'], cfg['length_list']
     seeds = seed_table(records)
-    spread = '; in brackets the lowest and highest seed' if cfg['seeds'] > 1 else ''
+    spread = '; in brackets the lowest and highest seed, where they differ' if cfg['seeds'] > 1 else ''
     md = ['# Positional-encoding arena', '', f"`{summary['command']}`", '',
           f"Exact match in % (mean of {cfg['seeds']} seed(s){spread}), {cfg['eval_rows']} test rows per task and length "
           f"(needle: per depth). One model per task and encoding, trained at L = {L} tokens, {cfg['max_iters']} "
@@ -572,6 +577,16 @@ def markdown(cfg, records, labels, notes, summary):
           f"run(s) at a time. Wall time "
           f"{summary['wall_seconds'] / 60:.1f} min (training and evaluation of this invocation; runs already "
           f"done were read back).", '']
+    columns = [(task, metric, m * L) for task, metric, m in SUMMARY
+               if task.split('_')[0] in cfg['task_list'] and m * L in Ls]
+    if columns:  # a few columns of the tables below, side by side
+        name = {'exact': '', 'token': ' per token'}
+        md += ['## Summary', '', '| model | ' + ' | '.join(
+                   f"{'offset k > L' if task == 'offset_far' else task}{name[metric]} {T // L}L"
+                   for task, metric, T in columns) + ' |', '|---|' + '---:|' * len(columns)]
+        md += [f"| {label} | " + ' | '.join(cell(seeds.get((label, task, metric, T, None)))
+                                             for task, metric, T in columns) + ' |' for label in labels]
+        md.append('')
     for task, metric, title in TITLES:
         if task.split('_')[0] not in cfg['task_list']:
             continue

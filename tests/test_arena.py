@@ -173,12 +173,15 @@ def test_results_table_shows_the_mean_and_the_spread_over_seeds():
     md = arena.markdown(cfg, records, ['tapa'], {}, summary)
     assert '| tapa | 95 (90-100) | 60 (50-70) |' in md  # mean (lowest-highest seed)
     assert 'in brackets the lowest and highest seed' in md
+    assert '## Summary\n\n| model | needle 1L |\n|---|---:|\n| tapa | 95 (90-100) |\n' in md  # 4L, 16L: not tested
     # the check at L flags a model when any seed falls below 95%, even with a mean above it
     assert 'Below 95% at L on needle, recall or copy (in some seed): tapa needle 95 (90-100)%.' in md
     records[1]['accuracy'] = 0.96
     records[0]['accuracy'] = 0.97
     assert 'Every model reaches 95% at L on needle, recall and copy, in every seed.' in \
         arena.markdown(cfg, records, ['tapa'], {}, summary)
+    same = [{**r, 'accuracy': 1.0} for r in records]  # every seed the same: no brackets
+    assert '| tapa | 100 | 100 |' in arena.markdown(cfg, same, ['tapa'], {}, summary)
     one = arena.markdown({**cfg, 'seeds': 1}, records[::2], ['tapa'], {}, summary)
     assert '| tapa | 97 | 50 |' in one and 'in brackets' not in one
 
@@ -245,7 +248,8 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert all(r['accuracy'] is None for r in recs if r['task'] == 'offset_far' and r['length'] == L)
     assert all(0 <= r['accuracy'] <= 1 for r in recs if r['accuracy'] is not None)
     md = (out / 'results.md').read_text()
-    for needle in ('## needle: the value', '## copy: per token', '## offset: k > L', '| rope+yarn |', 'Wall time'):
+    for needle in ('## needle: the value', '## copy: per token', '## offset: k > L', '| rope+yarn |', 'Wall time',
+                   '| model | needle 1L | recall 1L | copy 1L | copy per token 2L | offset 1L | offset k > L 2L |'):
         assert needle in md, needle
     with open(out / 'results.csv') as f:
         assert len(list(csv.DictReader(f))) == len(recs)

@@ -54,7 +54,11 @@ bytes, so a length costs 256 passes of L, most of it at 2048, where ALiBi's bias
 (ALiBi) of its 1,000-step pretraining's CPU time. 16384, the older budget, doubles that.
 
 Every step is a real command of this repository, printed before it runs and written to
-commands.sh, so any of them can be rerun or changed by hand. By default each runs as its own
+commands.sh, so any of them can be rerun or changed by hand. What already finished in --out is not run
+again: a pretraining whose checkpoint reached its last step with the same settings, an evaluation
+whose record (eval/<name>-s<seed>.inputs.json: its command and the SHA-256 of its checkpoints and
+text) still matches. So an interrupted run resumes, and --seeds=3 after --seeds=1, or the fine-tunes
+after --finetune=False, run only what is new. By default each runs as its own
 process; --quick runs them inside this process (the same scripts run as __main__ with runpy, so
 torch is imported once), which is what the test suite does.
 
@@ -151,9 +155,41 @@ def finished_training(argv):
     return same and ckpt['iter_num'] == cfg.max_iters
 
 
-def run_steps(steps, cfg, record):
+def evaluation_inputs(argv, folder, split):
+    """What an eval_ppl.py command read: its own arguments and the SHA-256 of every file it depends on
+    (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
+    import hashlib
+    ckpts = [a.split('=', 1)[1] for a in argv if a.startswith('--ckpt=')][0].split(',')
+    files = [os.path.join(c, 'ckpt.pt') for c in ckpts] + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')]
+    digests = {}
+    for path in files:
+        if not os.path.exists(path):
+            return None
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        digests[path] = h.hexdigest()
+    return dict(command=list(argv), files=digests)
+
+
+def finished_evaluation(argv, folder, split):
+    """True when this eval_ppl.py command already ran to the end on the very same checkpoints and text:
+    its JSON is there and the record written beside it when it finished (<out>.inputs.json) matches.
+    Such an evaluation is not run again (a miniature that adds seeds or fine-tunes reuses the rest)."""
+    out = [a.split('=', 1)[1] for a in argv if a.startswith('--out=')][0]
+    try:
+        with open(out + '.inputs.json') as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return os.path.exists(out + '.json') and record == evaluation_inputs(argv, folder, split)
+
+
+def run_steps(steps, cfg, record, done=None):
     """Run (name, argv) steps, up to cfg['jobs'] at a time (they must not depend on each other).
-    Each step's output goes to logs/<name>.log; its wall time is recorded."""
+    Each step's output goes to logs/<name>.log; its wall time is recorded, and done(name, argv), if
+    given, is called as soon as a step has succeeded (so an interruption keeps what finished)."""
     for name, argv in steps:
         print(f"$ {show(argv)}", flush=True)
         with open(os.path.join(cfg['out'], 'commands.sh'), 'a') as f:
@@ -164,6 +200,8 @@ def run_steps(steps, cfg, record):
             run_in_process(argv, log_path(cfg, name))
             record[name] = round(time.time() - t0, 1)
             print(f"  {name}: done in {record[name]:.1f}s", flush=True)
+            if done:
+                done(name, argv)
         return
     env = dict(os.environ)
     if cfg['threads']:
@@ -190,6 +228,8 @@ def run_steps(steps, cfg, record):
                 raise StepFailed(f"{name} failed (exit code {proc.returncode}); the end of "
                                  f"{log_path(cfg, name)}:\n{tail(log_path(cfg, name))}")
             print(f"  {name}: done in {record[name]:.1f}s", flush=True)
+            if done:
+                done(name, {n: a for n, a in steps}[name])
 
 
 def run_in_process(argv, log):
@@ -569,7 +609,23 @@ def main(argv):
                                             f'--labels={",".join(lab for _, lab in models)}', *extra,
                                             f'--out={ev(name, sd)}'] + common)
                     for sd in seeds for name, models, extra in stage]
-        run_steps(evaluations(zeroshot), cfg, times)
+
+        def run_evaluations(steps, others=()):
+            """The eval_ppl.py steps, but those already done, and others beside them; an evaluation's
+            inputs are recorded as soon as it finishes, for finished_evaluation."""
+            for step in [step for step in steps if finished_evaluation(step[1], folder, cfg['split'])]:
+                print(f"  {step[0]}: {show(step[1])} finished before, on the same checkpoints and text: "
+                      f"not run again", flush=True)
+                steps.remove(step)
+            names = {name for name, _ in steps}
+
+            def record(name, argv):
+                if name in names:
+                    out = [a.split('=', 1)[1] for a in argv if a.startswith('--out=')][0]
+                    with open(out + '.inputs.json', 'w') as f:
+                        json.dump(evaluation_inputs(argv, folder, cfg['split']), f, indent=1)
+            run_steps(steps + list(others), cfg, times, done=record)
+        run_evaluations(evaluations(zeroshot))
 
         if cfg['finetune']:
             # 4. fine-tuning to 4x (512): each seed's pretrained model, with the same seed
@@ -581,14 +637,14 @@ def main(argv):
                        for sd in seeds for name, _, src, extra in finetunes], cfg, times)
 
             # 5. evaluation of the fine-tuned models (and 6. passkey retrieval)
-            steps = evaluations(finetuned)
+            passkey = []
             if cfg['passkey']:
-                steps += [(f'passkey-s{sd}', [py, 'eval_passkey.py', f'--ckpt={",".join(ck(f[0], sd) for f in finetunes)}',
+                passkey = [(f'passkey-s{sd}', [py, 'eval_passkey.py', f'--ckpt={",".join(ck(f[0], sd) for f in finetunes)}',
                                               f'--labels={",".join(f[1] for f in finetunes)}',
                                               f'--lengths={",".join(map(str, Ls))}', '--depths=0,0.5,1',
                                               f'--num_trials={cfg["passkey_trials"]}', f'--out={ev("passkey", sd)}',
                                               '--quiet=True']) for sd in seeds]
-            run_steps(steps, cfg, times)
+            run_evaluations(evaluations(finetuned), passkey)
     finally:
         os.chdir(old_cwd)
 

@@ -374,13 +374,29 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert (out / 'eval' / 'passkey-s1338.json').exists() and (out / 'eval' / 'finetuned-s1337.md').exists()
     if HAS_MATPLOTLIB:
         assert (out / 'ppl.png').stat().st_size > 10000
-    # run again, zero-shot only: the finished pretrainings (same settings) are reused, not retrained
+    # run again, zero-shot only: the finished pretrainings (same settings) are reused, not retrained,
+    # and so are the finished evaluations (same command, same checkpoints and text)
     digest = lambda p: hashlib.sha256(open(p, 'rb').read()).hexdigest()  # noqa: E731
     before = {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds}
+    evals = sorted((out / 'eval').glob('zeroshot*.json'))
+    evals = [p for p in evals if not p.name.endswith('.inputs.json')]
+    assert len(evals) == 6 and all(p.with_suffix('.inputs.json').exists() for p in evals)
+    written = {p.name: p.stat().st_mtime_ns for p in evals}
     again = paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
     assert {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds} == before
+    assert {p.name: p.stat().st_mtime_ns for p in evals} == written
     assert again['perplexity'][0]['results'][Ls[0]]['mean'] == rows[0]['results'][Ls[0]]['mean']
     assert again['command'].endswith('--finetune=False')  # its own command, not one of its steps'
+    # a checkpoint that changed (here one weight of seed 1338's RoPE) makes its evaluations run again, and
+    # only those: the zero-shot table of seed 1338 and RoPE's two inference-time extensions
+    path = out / 'ckpt' / 'rope-s1338' / 'ckpt.pt'
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    name = next(k for k, v in ckpt['model'].items() if v.is_floating_point())
+    ckpt['model'][name].view(-1)[0] += 1.0
+    torch.save(ckpt, path)
+    paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
+    rerun = {p.name for p in evals if p.stat().st_mtime_ns != written[p.name]}
+    assert rerun == {'zeroshot-s1338.json', 'zeroshot_rope_yarn4-s1338.json', 'zeroshot_rope_dynntk-s1338.json'}
     argv = ['python', 'train.py', 'configs/tiny_rope.py', f'--out_dir={out / "ckpt" / "rope-s1337"}', '--seed=1337',
             f'--data_dir={data}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4']
     n = paper_in_miniature.QUICK['pretrain_iters']
@@ -584,7 +600,7 @@ def test_paper_in_miniature_zero_shot_only_and_its_settings(tmp_path, monkeypatc
         pass
     names = []
 
-    def record(steps, cfg, times):  # the commands, not run
+    def record(steps, cfg, times, done=None):  # the commands, not run
         names.extend(name for name, _ in steps)
 
     def stop(path):

@@ -34,7 +34,7 @@ byte-level models on 60 PG-19 books:
   6. passkey retrieval (eval_passkey.py) of the fine-tuned models
   7. one folder, --out (default runs/miniature; with --quick, runs/miniature-quick): results.md
      (the tables), results.json, results.csv, ppl.png (the curves and their intervals), every
-     evaluation's own outputs in eval/ (one per seed), the checkpoints in ckpt/, each command's
+     evaluation's own outputs in eval/ (one per model and seed), the checkpoints in ckpt/, each command's
      output in logs/, and commands.sh (every command, in order)
 
 What the tables report, per model and length: the mean over seeds of the perplexity, the spread
@@ -552,8 +552,10 @@ def main(argv):
     t_start, cpu_start, load_start = time.time(), cpu_seconds(), os.getloadavg()
     times = {}
     py = 'python'
-    # the evaluations of each stage: (name, [(run, label)], extra eval_ppl.py settings), once per seed
-    zeroshot = [('zeroshot', [(pe, label(pe)) for pe in pes], [])]
+    # the evaluations of each stage: (name, [(run, label)], extra eval_ppl.py settings), once per seed.
+    # One eval_ppl.py command per model, all on the same spans: --jobs runs them side by side, and a
+    # model added later is evaluated alone (finished_evaluation keeps the others)
+    zeroshot = [(f'zeroshot_{pe}', [(pe, label(pe))], []) for pe in pes]
     if 'rope' in pes:
         zeroshot += [('zeroshot_rope_yarn4', [('rope', 'RoPE + YaRN x4 (inference only)')],
                       ['--rope_scaling=yarn', '--rope_factor=4']),
@@ -565,7 +567,7 @@ def main(argv):
                  ('rope-ft4x-yarn', 'RoPE + YaRN x4 (ft 512)', 'rope', ['--rope_scaling=yarn']),
                  ('rope-ft4x-abf', f'RoPE + ABF base {cfg["abf_base"]:g} (ft 512)', 'rope',
                   [f'--rope_base={cfg["abf_base"]:g}'])] if cfg['finetune'] else []
-    finetuned = [('finetuned', [(name, lab) for name, lab, _, _ in finetunes], [])] if cfg['finetune'] else []
+    finetuned = [(f'finetuned_{name}', [(name, lab)], []) for name, lab, _, _ in finetunes]
     old_cwd = os.getcwd()
     os.chdir(REPO)  # every command runs from the repository root, as the docs write them
     try:
@@ -724,7 +726,7 @@ def main(argv):
                table]
     md += ['', '## Time per step (wall seconds)', '', '| step | seconds |', '|---|---:|']
     md += [f"| {k} | {v} |" for k, v in times.items()]
-    md += ['', 'Commands: commands.sh; outputs of each: logs/; every evaluation (one per seed): eval/.', '']
+    md += ['', 'Commands: commands.sh; outputs of each: logs/; every evaluation (one per model and seed): eval/.', '']
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
         f.write('\n'.join(md))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:

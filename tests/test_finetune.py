@@ -338,14 +338,16 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert init.endswith(os.path.join('tapa_small_linear-s1338', 'ckpt.pt'))
     commands = (out / 'commands.sh').read_text()
     assert commands.count('python train.py configs/tiny_') == 8 and commands.count('python finetune_long.py') == 8
-    assert commands.count('--split=test') == 8 and '--protocol' not in commands and '--stride' not in commands
+    assert commands.count('--split=test') == 20 and '--protocol' not in commands  # (one evaluation per model and seed) and '--stride' not in commands
 
     # the reported numbers, recomputed here from each seed's own evaluation (eval_ppl.py's JSON)
     results = json.loads((out / 'results.json').read_text())
     assert results['evaluation']['split'] == 'test' and results['evaluation']['protocol'] == 'spans'
     evals = {}
     for sd in seeds:
-        for name in ('zeroshot', 'zeroshot_rope_yarn4', 'zeroshot_rope_dynntk', 'finetuned'):
+        for name in ('zeroshot_tapa_small_linear', 'zeroshot_rope', 'zeroshot_alibi', 'zeroshot_nope',
+                     'zeroshot_rope_yarn4', 'zeroshot_rope_dynntk', 'finetuned_tapa_small_linear-ft4x',
+                     'finetuned_rope-ft4x-pi', 'finetuned_rope-ft4x-yarn', 'finetuned_rope-ft4x-abf'):
             for m in json.loads((out / 'eval' / f'{name}-s{sd}.json').read_text())['models']:
                 evals[(m['label'], sd)] = m['results']
     for r in results['perplexity']:
@@ -371,7 +373,7 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert float(first['ppl_mean']) == pytest.approx((float(first['ppl_s1337']) + float(first['ppl_s1338'])) / 2)
     assert float(first['ppl_lo']) <= float(first['ppl_mean']) <= float(first['ppl_hi'])
     assert results['hardware']['logical_cpus'] == os.cpu_count()
-    assert (out / 'eval' / 'passkey-s1338.json').exists() and (out / 'eval' / 'finetuned-s1337.md').exists()
+    assert (out / 'eval' / 'passkey-s1338.json').exists() and (out / 'eval' / 'finetuned_rope-ft4x-pi-s1337.md').exists()
     if HAS_MATPLOTLIB:
         assert (out / 'ppl.png').stat().st_size > 10000
     # run again, zero-shot only: the finished pretrainings (same settings) are reused, not retrained,
@@ -380,7 +382,7 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     before = {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds}
     evals = sorted((out / 'eval').glob('zeroshot*.json'))
     evals = [p for p in evals if not p.name.endswith('.inputs.json')]
-    assert len(evals) == 6 and all(p.with_suffix('.inputs.json').exists() for p in evals)
+    assert len(evals) == 12 and all(p.with_suffix('.inputs.json').exists() for p in evals)
     written = {p.name: p.stat().st_mtime_ns for p in evals}
     again = paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
     assert {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds} == before
@@ -388,7 +390,7 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert again['perplexity'][0]['results'][Ls[0]]['mean'] == rows[0]['results'][Ls[0]]['mean']
     assert again['command'].endswith('--finetune=False')  # its own command, not one of its steps'
     # a checkpoint that changed (here one weight of seed 1338's RoPE) makes its evaluations run again, and
-    # only those: the zero-shot table of seed 1338 and RoPE's two inference-time extensions
+    # only those: seed 1338's RoPE, zero-shot and with its two inference-time extensions
     path = out / 'ckpt' / 'rope-s1338' / 'ckpt.pt'
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
     name = next(k for k, v in ckpt['model'].items() if v.is_floating_point())
@@ -396,7 +398,7 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     torch.save(ckpt, path)
     paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
     rerun = {p.name for p in evals if p.stat().st_mtime_ns != written[p.name]}
-    assert rerun == {'zeroshot-s1338.json', 'zeroshot_rope_yarn4-s1338.json', 'zeroshot_rope_dynntk-s1338.json'}
+    assert rerun == {'zeroshot_rope-s1338.json', 'zeroshot_rope_yarn4-s1338.json', 'zeroshot_rope_dynntk-s1338.json'}
     argv = ['python', 'train.py', 'configs/tiny_rope.py', f'--out_dir={out / "ckpt" / "rope-s1337"}', '--seed=1337',
             f'--data_dir={data}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4']
     n = paper_in_miniature.QUICK['pretrain_iters']
@@ -611,7 +613,8 @@ def test_paper_in_miniature_zero_shot_only_and_its_settings(tmp_path, monkeypatc
         paper_in_miniature.main(['--quick', f'--out={tmp_path / "m"}', f'--data_dir={data}', '--encodings=alibi,t5',
                                  '--finetune=False', '--seeds=2'])
     assert names == ['pretrain_alibi-s1337', 'pretrain_t5-s1337', 'pretrain_alibi-s1338', 'pretrain_t5-s1338',
-                     'eval_zeroshot-s1337', 'eval_zeroshot-s1338']
+                     'eval_zeroshot_alibi-s1337', 'eval_zeroshot_t5-s1337', 'eval_zeroshot_alibi-s1338',
+                     'eval_zeroshot_t5-s1338']
     base = ['--quick', f'--out={tmp_path / "m"}', f'--data_dir={data}']
     for args, message in ((['--encodings=alibi,rope'], 'must include a TAPA config'),
                           (['--encodings=rope,tapa_small,rope'], 'names rope twice'),

@@ -1,7 +1,10 @@
-# Tiny byte-level PG-19 model with the sinusoidal positional encoding; everything else is in tiny_base.py
-# (its learning rate is not tuned for this encoding yet).
+# Tiny byte-level PG-19 model with the sinusoidal positional encoding; everything else is in tiny_base.py.
 #     python train.py configs/tiny_sinusoidal.py
 from configs.tiny_base import *  # noqa: F401,F403
 
 pos_encoding = 'sinusoidal'
+# peak learning rate: experiments/lr_sweep.py's best of 5e-4, 1e-3, 2e-3, 4e-3 at 1,000 steps, on the validation
+# books (docs/small_scale_study.md, "Learning rates of the tiny configs"); min_lr a tenth of it
+learning_rate = 0.001
+min_lr = 0.0001
 out_dir = 'out-tiny-sinusoidal'

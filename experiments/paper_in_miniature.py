@@ -57,8 +57,9 @@ Every step is a real command of this repository, printed before it runs and writ
 commands.sh, so any of them can be rerun or changed by hand. What already finished in --out is not run
 again: a pretraining whose checkpoint reached its last step with the same settings, an evaluation
 whose record (eval/<name>-s<seed>.inputs.json: its command and the SHA-256 of its checkpoints and
-text) still matches. So an interrupted run resumes, and --seeds=3 after --seeds=1, or the fine-tunes
-after --finetune=False, run only what is new. By default each runs as its own
+text) still matches. So --seeds=3 after --seeds=1, or the fine-tunes after --finetune=False, run only
+what is new, and an interrupted run does not redo its finished pretrainings and evaluations (its
+fine-tunes, 200 steps each, do run again, and then so do their evaluations). By default each runs as its own
 process; --quick runs them inside this process (the same scripts run as __main__ with runpy, so
 torch is imported once), which is what the test suite does.
 
@@ -160,7 +161,8 @@ def evaluation_inputs(argv, folder, split):
     (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
     import hashlib
     ckpts = [a.split('=', 1)[1] for a in argv if a.startswith('--ckpt=')][0].split(',')
-    files = [os.path.join(c, 'ckpt.pt') for c in ckpts] + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')]
+    files = ([os.path.join(c, 'ckpt.pt') for c in ckpts]
+             + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')])
     digests = {}
     for path in files:
         if not os.path.exists(path):
@@ -642,10 +644,10 @@ def main(argv):
             passkey = []
             if cfg['passkey']:
                 passkey = [(f'passkey-s{sd}', [py, 'eval_passkey.py', f'--ckpt={",".join(ck(f[0], sd) for f in finetunes)}',
-                                              f'--labels={",".join(f[1] for f in finetunes)}',
-                                              f'--lengths={",".join(map(str, Ls))}', '--depths=0,0.5,1',
-                                              f'--num_trials={cfg["passkey_trials"]}', f'--out={ev("passkey", sd)}',
-                                              '--quiet=True']) for sd in seeds]
+                                               f'--labels={",".join(f[1] for f in finetunes)}',
+                                               f'--lengths={",".join(map(str, Ls))}', '--depths=0,0.5,1',
+                                               f'--num_trials={cfg["passkey_trials"]}', f'--out={ev("passkey", sd)}',
+                                               '--quiet=True']) for sd in seeds]
             run_evaluations(evaluations(finetuned), passkey)
     finally:
         os.chdir(old_cwd)

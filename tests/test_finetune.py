@@ -338,7 +338,8 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert init.endswith(os.path.join('tapa_small_linear-s1338', 'ckpt.pt'))
     commands = (out / 'commands.sh').read_text()
     assert commands.count('python train.py configs/tiny_') == 8 and commands.count('python finetune_long.py') == 8
-    assert commands.count('--split=test') == 20 and '--protocol' not in commands  # (one evaluation per model and seed) and '--stride' not in commands
+    # one evaluation per model and seed: 4 zero-shot + 2 RoPE extensions + 4 fine-tuned, twice
+    assert commands.count('--split=test') == 20 and '--protocol' not in commands and '--stride' not in commands
 
     # the reported numbers, recomputed here from each seed's own evaluation (eval_ppl.py's JSON)
     results = json.loads((out / 'results.json').read_text())

@@ -701,7 +701,7 @@ def main(argv):
            f"({scored['too_short']} too short, left out). Each cell: {what}; the interval from a paired "
            f"bootstrap over the books ({cfg['bootstrap']} resamples, the same draws for every seed, length and "
            f"model). Ratios: each seed's perplexity over its own at {Ls[0]}, then the mean.")
-    md = ["# TAPA vs RoPE: the paper in miniature", '',
+    md = ["# The TAPA paper in miniature: perplexity past the trained context", '',
           f"`{summary['command']}`", '',
           f"Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, torch {hw['torch']} "
           f"({hw['torch_threads']} threads per command, {cfg['jobs']} command(s) at a time). "

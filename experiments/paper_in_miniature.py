@@ -156,11 +156,16 @@ def finished_training(argv):
     return same and ckpt['iter_num'] == cfg.max_iters
 
 
+def setting(argv, key):
+    """The value of --key=value in a command's argv (the commands here always spell it that way)."""
+    return [a.split('=', 1)[1] for a in argv if a.startswith(f'--{key}=')][0]
+
+
 def evaluation_inputs(argv, folder, split):
     """What an eval_ppl.py command read: its own arguments and the SHA-256 of every file it depends on
     (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
     import hashlib
-    ckpts = [a.split('=', 1)[1] for a in argv if a.startswith('--ckpt=')][0].split(',')
+    ckpts = setting(argv, 'ckpt').split(',')
     files = ([os.path.join(c, 'ckpt.pt') for c in ckpts]
              + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')])
     digests = {}
@@ -179,7 +184,7 @@ def finished_evaluation(argv, folder, split):
     """True when this eval_ppl.py command already ran to the end on the very same checkpoints and text:
     its JSON is there and the record written beside it when it finished (<out>.inputs.json) matches.
     Such an evaluation is not run again (a miniature that adds seeds or fine-tunes reuses the rest)."""
-    out = [a.split('=', 1)[1] for a in argv if a.startswith('--out=')][0]
+    out = setting(argv, 'out')
     try:
         with open(out + '.inputs.json') as f:
             record = json.load(f)
@@ -215,23 +220,23 @@ def run_steps(steps, cfg, record, done=None):
             log = open(log_path(cfg, name), 'w')
             proc = subprocess.Popen([sys.executable] + argv[1:], cwd=REPO, env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
-            running.append((name, proc, log, time.time()))
+            running.append((name, argv, proc, log, time.time()))
         time.sleep(0.5)
         for item in list(running):
-            name, proc, log, t0 = item
+            name, argv, proc, log, t0 = item
             if proc.poll() is None:
                 continue
             log.close()
             running.remove(item)
             record[name] = round(time.time() - t0, 1)
             if proc.returncode != 0:
-                for _, other, _, _ in running:
+                for _, _, other, _, _ in running:
                     other.terminate()
                 raise StepFailed(f"{name} failed (exit code {proc.returncode}); the end of "
                                  f"{log_path(cfg, name)}:\n{tail(log_path(cfg, name))}")
             print(f"  {name}: done in {record[name]:.1f}s", flush=True)
             if done:
-                done(name, {n: a for n, a in steps}[name])
+                done(name, argv)
 
 
 def run_in_process(argv, log):
@@ -625,8 +630,7 @@ def main(argv):
 
             def record(name, argv):
                 if name in names:
-                    out = [a.split('=', 1)[1] for a in argv if a.startswith('--out=')][0]
-                    with open(out + '.inputs.json', 'w') as f:
+                    with open(setting(argv, 'out') + '.inputs.json', 'w') as f:
                         json.dump(evaluation_inputs(argv, folder, cfg['split']), f, indent=1)
             run_steps(steps + list(others), cfg, times, done=record)
         run_evaluations(evaluations(zeroshot))

@@ -190,7 +190,8 @@ def finished_evaluation(argv, folder, split):
             record = json.load(f)
     except (OSError, ValueError):
         return False
-    return os.path.exists(out + '.json') and record == evaluation_inputs(argv, folder, split)
+    # (a record of None, from a file that was missing, never counts as finished)
+    return record is not None and os.path.exists(out + '.json') and record == evaluation_inputs(argv, folder, split)
 
 
 def run_steps(steps, cfg, record, done=None):

@@ -628,3 +628,23 @@ def test_paper_in_miniature_zero_shot_only_and_its_settings(tmp_path, monkeypatc
     old = make_data(tmp_path / 'old', n_docs=(6, 3), doc_len=1500)  # prepared without the test books
     with pytest.raises(ConfigError, match=r'has no test split \(it has train, validation\): prepare it again'):
         paper_in_miniature.main(['--quick', f'--out={tmp_path / "m"}', f'--data_dir={old}'])
+
+
+def test_finished_evaluation_needs_its_inputs(tmp_path):
+    """An evaluation counts as finished only with its JSON and a record of what it read that still matches;
+    a record written while a file was missing (null) never does, even when that file is still missing."""
+    out, ckpt = tmp_path / 'eval' / 'zeroshot_rope-s1337', tmp_path / 'rope'
+    out.parent.mkdir()
+    argv = ['python', 'eval_ppl.py', f'--ckpt={ckpt}', f'--out={out}']
+    (out.parent / (out.name + '.json')).write_text('{}')
+    (out.parent / (out.name + '.inputs.json')).write_text('null')
+    assert not paper_in_miniature.finished_evaluation(argv, str(tmp_path), 'test')
+    ckpt.mkdir()
+    (ckpt / 'ckpt.pt').write_bytes(b'weights')
+    for ext in ('.bin', '.docs.npy'):
+        (tmp_path / f'test{ext}').write_bytes(b'text')
+    record = paper_in_miniature.evaluation_inputs(argv, str(tmp_path), 'test')
+    (out.parent / (out.name + '.inputs.json')).write_text(json.dumps(record))
+    assert paper_in_miniature.finished_evaluation(argv, str(tmp_path), 'test')
+    (tmp_path / 'test.bin').write_bytes(b'other text')  # the text changed: run it again
+    assert not paper_in_miniature.finished_evaluation(argv, str(tmp_path), 'test')

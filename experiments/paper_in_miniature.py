@@ -55,11 +55,12 @@ bytes, so a length costs 256 passes of L, most of it at 2048, where ALiBi's bias
 
 Every step is a real command of this repository, printed before it runs and written to
 commands.sh, so any of them can be rerun or changed by hand. What already finished in --out is not run
-again: a pretraining whose checkpoint reached its last step with the same settings, an evaluation
+again: a pretraining whose checkpoint reached its last step with the same settings; an evaluation
 whose record (eval/<name>-s<seed>.inputs.json: its command and the SHA-256 of its checkpoints and
-text) still matches. So --seeds=3 after --seeds=1, or the fine-tunes after --finetune=False, run only
-what is new, and an interrupted run does not redo its finished pretrainings and evaluations (its
-fine-tunes, 200 steps each, do run again, and then so do their evaluations). By default each runs as its own
+text) still matches; a fine-tune whose record (ckpt/<name>-s<seed>/finetune.inputs.json: its command
+and the SHA-256 of its config file, of the pretrained checkpoint and of the one it wrote) still
+matches. So --seeds=3 after --seeds=1, or the fine-tunes after --finetune=False, run only what is
+new, and an interrupted run does not redo what it finished. By default each runs as its own
 process; --quick runs them inside this process (the same scripts run as __main__ with runpy, so
 torch is imported once), which is what the test suite does.
 
@@ -161,23 +162,27 @@ def setting(argv, key):
     return [a.split('=', 1)[1] for a in argv if a.startswith(f'--{key}=')][0]
 
 
-def evaluation_inputs(argv, folder, split):
-    """What an eval_ppl.py command read: its own arguments and the SHA-256 of every file it depends on
-    (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
+def digests(paths):
+    """{path: SHA-256 of its bytes}, or None when one of the files is missing."""
     import hashlib
-    ckpts = setting(argv, 'ckpt').split(',')
-    files = ([os.path.join(c, 'ckpt.pt') for c in ckpts]
-             + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')])
-    digests = {}
-    for path in files:
+    out = {}
+    for path in paths:
         if not os.path.exists(path):
             return None
         h = hashlib.sha256()
         with open(path, 'rb') as f:
             for block in iter(lambda: f.read(1 << 20), b''):
                 h.update(block)
-        digests[path] = h.hexdigest()
-    return dict(command=list(argv), files=digests)
+        out[path] = h.hexdigest()
+    return out
+
+
+def evaluation_inputs(argv, folder, split):
+    """What an eval_ppl.py command read: its own arguments and the SHA-256 of every file it depends on
+    (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
+    files = digests([os.path.join(c, 'ckpt.pt') for c in setting(argv, 'ckpt').split(',')]
+                    + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')])
+    return None if files is None else dict(command=list(argv), files=files)
 
 
 def finished_evaluation(argv, folder, split):
@@ -192,6 +197,26 @@ def finished_evaluation(argv, folder, split):
         return False
     # (a record of None, from a file that was missing, never counts as finished)
     return record is not None and os.path.exists(out + '.json') and record == evaluation_inputs(argv, folder, split)
+
+
+def finetune_record(argv):
+    """What a finetune_long.py command read and wrote: its own arguments and the SHA-256 of its config
+    file, of the pretrained checkpoint (--init_dir) and of the fine-tuned one (--out_dir)."""
+    files = digests([argv[2], os.path.join(setting(argv, 'init_dir'), 'ckpt.pt'),
+                     os.path.join(setting(argv, 'out_dir'), 'ckpt.pt')])
+    return None if files is None else dict(command=list(argv), files=files)
+
+
+def finished_finetune(argv):
+    """True when this finetune_long.py command already ran to its end from the very same pretrained
+    checkpoint, and its checkpoint is still the one it wrote: the record written when it finished
+    (<out_dir>/finetune.inputs.json) matches. Such a fine-tune is not run again."""
+    try:
+        with open(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json')) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return record is not None and record == finetune_record(argv)
 
 
 def run_steps(steps, cfg, record, done=None):
@@ -640,10 +665,19 @@ def main(argv):
             # 4. fine-tuning to 4x (512): each seed's pretrained model, with the same seed
             m = cfg['finetune_iters']
             quick_ft = ['--warmup_iters=1', f'--eval_interval={m}'] if cfg['quick'] else []
-            run_steps([(f'finetune_{name}-s{sd}', [py, 'finetune_long.py', 'configs/finetune/tiny.py',
-                                                    f'--init_dir={ck(src, sd)}', f'--out_dir={ck(name, sd)}',
-                                                    f'--seed={sd}', f'--max_iters={m}'] + extra + quick_ft)
-                       for sd in seeds for name, _, src, extra in finetunes], cfg, times)
+            steps = [(f'finetune_{name}-s{sd}', [py, 'finetune_long.py', 'configs/finetune/tiny.py',
+                                                 f'--init_dir={ck(src, sd)}', f'--out_dir={ck(name, sd)}',
+                                                 f'--seed={sd}', f'--max_iters={m}'] + extra + quick_ft)
+                     for sd in seeds for name, _, src, extra in finetunes]
+            for step in [step for step in steps if finished_finetune(step[1])]:
+                print(f"  {step[0]}: {show(step[1])} finished before, from the same pretrained model: "
+                      f"not run again", flush=True)
+                steps.remove(step)
+
+            def record_finetune(name, argv):  # as soon as it has finished, for finished_finetune
+                with open(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json'), 'w') as f:
+                    json.dump(finetune_record(argv), f, indent=1)
+            run_steps(steps, cfg, times, done=record_finetune)
 
             # 5. evaluation of the fine-tuned models (and 6. passkey retrieval)
             passkey = []

@@ -43,8 +43,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from configurator import ConfigError, get_overrides  # noqa: E402
-from paper_in_miniature import StepFailed, finished_training, run_steps  # noqa: E402
+from configurator import ConfigError  # noqa: E402
+from paper_in_miniature import StepFailed, finished_training, run_steps, script_settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (python experiments/gpt2_tapa_setting.py --key=value; --quick alone means --quick=True)
@@ -114,13 +114,7 @@ def val_curve(out_dir):
 
 
 def main(argv):
-    argv = ['--quick=True' if a == '--quick' else a for a in argv]
-    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}
-    if cfg['quick']:
-        cfg.update({k: v for k, v in QUICK.items() if not any(a.startswith(f'--{k}=') for a in argv)})
-        if os.path.abspath(cfg['out']) == os.path.abspath(DEFAULTS['out']):
-            raise ConfigError(f"--quick --out={cfg['out']}: that is where the full comparison keeps its results; "
-                              f"a quick run goes elsewhere (default {QUICK['out']})")
+    argv, cfg = script_settings(argv, DEFAULTS, QUICK, __doc__, 'comparison')
     names = [s.strip() for s in cfg['settings'].split(',') if s.strip()]
     for name in names:
         if name not in SETTINGS:

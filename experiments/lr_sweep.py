@@ -30,8 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from configurator import ConfigError, get_overrides  # noqa: E402
-from paper_in_miniature import StepFailed, finished_training, last_val_loss, run_steps  # noqa: E402
+from configurator import ConfigError  # noqa: E402
+from paper_in_miniature import StepFailed, finished_training, last_val_loss, run_steps, script_settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (python experiments/lr_sweep.py --key=value; --quick alone means --quick=True)
@@ -65,13 +65,7 @@ def final_val_loss(out_dir, iters):
 
 
 def main(argv):
-    argv = ['--quick=True' if a == '--quick' else a for a in argv]
-    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}
-    if cfg['quick']:
-        cfg.update({k: v for k, v in QUICK.items() if not any(a.startswith(f'--{k}=') for a in argv)})
-        if os.path.abspath(cfg['out']) == os.path.abspath(DEFAULTS['out']):
-            raise ConfigError(f"--quick --out={cfg['out']}: that is where the full sweep keeps its results; "
-                              f"a quick run goes elsewhere (default {QUICK['out']})")
+    argv, cfg = script_settings(argv, DEFAULTS, QUICK, __doc__, 'sweep')
     pes = [p.strip() for p in cfg['encodings'].split(',') if p.strip()]
     for pe in pes:
         if not os.path.exists(os.path.join(REPO, 'configs', f'tiny_{pe}.py')):

@@ -134,6 +134,20 @@ class StepFailed(RuntimeError):
 # running commands
 
 
+def script_settings(argv, defaults, quick, doc, what):
+    """The settings of an experiments/ script from its command line (--key=value; --quick alone means
+    --quick=True): with --quick, its quick values where not given, and never the out folder of the full
+    `what`, so that a smoke test cannot overwrite real results. Returns (argv, settings)."""
+    argv = ['--quick=True' if a == '--quick' else a for a in argv]
+    cfg = {**defaults, **get_overrides(defaults, argv, doc=doc)}
+    if cfg['quick']:
+        cfg.update({k: v for k, v in quick.items() if not any(a.startswith(f'--{k}=') for a in argv)})
+        if os.path.abspath(cfg['out']) == os.path.abspath(defaults['out']):
+            raise ConfigError(f"--quick --out={cfg['out']}: that is where the full {what} keeps its results; "
+                              f"a quick run goes elsewhere (default {quick['out']})")
+    return argv, cfg
+
+
 def show(argv):
     return ' '.join(shlex.quote(a) for a in argv)
 
@@ -529,13 +543,7 @@ def check_split(folder, split, cfg):
 
 
 def main(argv):
-    argv = ['--quick=True' if a == '--quick' else a for a in argv]
-    cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}  # -h: usage and settings
-    if cfg['quick']:
-        cfg.update({k: v for k, v in QUICK.items() if not any(a.startswith(f'--{k}=') for a in argv)})
-        if os.path.abspath(cfg['out']) == os.path.abspath(DEFAULTS['out']):
-            raise ConfigError(f"--quick --out={cfg['out']}: that is where the full run keeps its results and "
-                              f"checkpoints; a quick run goes elsewhere (default {QUICK['out']})")
+    argv, cfg = script_settings(argv, DEFAULTS, QUICK, __doc__, 'run')  # -h: usage and settings
     pes = [p.strip() for p in cfg['encodings'].split(',') if p.strip()]
     if not pes:
         raise ConfigError("--encodings is empty: name configs/tiny_<pe>.py files, e.g. --encodings=tapa_small_linear,rope")

@@ -309,7 +309,11 @@ def test_every_config_file_loads_and_checks():
         assert gpu['block_size'] in (1024, 2048)
     assert len({loaded[f'tiny_{pe}']['out_dir'] for pe in pes}) == 5
     assert len({loaded[f'pg19_gpt2_{pe}']['out_dir'] for pe in pes}) == 5
-    assert loaded['pg19_gpt2_tapa']['learning_rate'] < loaded['pg19_gpt2_rope']['learning_rate']
+    # the GPU TAPA config is the paper's TAPA exactly (Eq. 12: phase scale 1, quadratic phase, alpha 0.1,
+    # theta 0.5) with everything else as RoPE's, its learning rate too (experiments/gpt2_tapa_setting.py)
+    tapa, rope = loaded['pg19_gpt2_tapa'], loaded['pg19_gpt2_rope']
+    assert {k for k in tapa if tapa[k] != rope[k]} == {'pos_encoding', 'out_dir'}
+    assert (tapa['tapa_phase_scale'], tapa['tapa_phase'], tapa['tapa_alpha'], tapa['tapa_theta']) == (1.0, 'quadratic', 0.1, 0.5)
     # the small-model TAPA settings change only the phase (scale, type) and the learning rate
     small, linear = loaded['tiny_tapa_small'], loaded['tiny_tapa_small_linear']
     assert {k for k in small if small[k] != loaded['tiny_tapa'][k]} == {'tapa_phase_scale', 'learning_rate', 'min_lr', 'out_dir'}

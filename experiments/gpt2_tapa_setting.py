@@ -45,7 +45,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configurator import ConfigError  # noqa: E402
-from paper_in_miniature import StepFailed, finished_training, run_steps, script_settings  # noqa: E402
+from paper_in_miniature import FIRST_SEED, StepFailed, finished_training, run_steps, script_settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (python experiments/gpt2_tapa_setting.py --key=value; --quick alone means --quick=True)
@@ -81,7 +81,6 @@ SHRINK = ['--n_layer=4', '--n_embd=256', '--n_head=4', '--block_size=256', '--ba
           '--gradient_accumulation_steps=1']
 SHRINK_QUICK = ['--n_layer=1', '--n_embd=64', '--n_head=1', '--block_size=32', '--batch_size=2',
                 '--gradient_accumulation_steps=1']
-FIRST_SEED = 1337
 
 
 def count_model_losses(folder, betas=(1, 10, 100, 1000)):

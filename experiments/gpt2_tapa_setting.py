@@ -33,7 +33,6 @@ log.jsonl in ckpt/<setting>-s<seed>/, each command's output in logs/. A run that
 --out with the same settings is not run again.
 """
 
-import csv
 import json
 import math
 import os
@@ -45,7 +44,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configurator import ConfigError  # noqa: E402
-from paper_in_miniature import FIRST_SEED, StepFailed, finished_training, run_steps, script_settings  # noqa: E402
+from paper_in_miniature import (FIRST_SEED, StepFailed, finished_training, run_steps, script_settings,  # noqa: E402
+                                val_losses, write_results)
 
 # -----------------------------------------------------------------------------
 # settings (python experiments/gpt2_tapa_setting.py --key=value; --quick alone means --quick=True)
@@ -108,8 +108,7 @@ def count_model_losses(folder, betas=(1, 10, 100, 1000)):
 def val_curve(out_dir):
     """{iter: validation loss} of a run (its log.jsonl), or {} when it has none."""
     try:
-        with open(os.path.join(out_dir, 'log.jsonl')) as f:
-            return {r['iter']: r['val_loss'] for r in map(json.loads, f) if r['kind'] == 'eval'}
+        return val_losses(out_dir)
     except (OSError, ValueError):
         return {}
 
@@ -175,12 +174,13 @@ def main(argv):
               for name in names]
     from runtime import machine  # (imports torch: not at start-up)
     hw, wall = machine(cfg['threads']), time.time() - t0
+    size = dict(a[2:].split('=', 1) for a in (SHRINK_QUICK if cfg['quick'] else SHRINK))  # {'n_layer': '4', ...}
     md = ['# TAPA settings for the GPT-2-BPE config, checked on a CPU', '',
           f"`python experiments/gpt2_tapa_setting.py {' '.join(argv)}`".replace(' `', '`'), '',
           f"Validation loss (nats per token, GPT-2 BPE, {cfg['eval_iters']} fixed batches) of "
-          f"{'1 layer of n_embd 64, 1 head' if cfg['quick'] else '4 layers of n_embd 256, 4 heads'} (head dim 64), "
-          f"context {32 if cfg['quick'] else 256}, trained {n} steps of "
-          f"{'2 x 32' if cfg['quick'] else '4 x 256'} tokens; "
+          f"a GPT of n_layer {size['n_layer']}, n_embd {size['n_embd']}, n_head {size['n_head']} "
+          f"(head dim {int(size['n_embd']) // int(size['n_head'])}), context {size['block_size']}, trained {n} steps of "
+          f"{size['batch_size']} x {size['block_size']} tokens; "
           + (f"the mean over seeds {', '.join(map(str, seeds))} (min-max)." if len(seeds) > 1 else f"seed {seeds[0]}."),
           '', *lines, '',
           f"For scale, count models of the validation split ({refs['validation_tokens']:,} tokens) from the "
@@ -192,18 +192,8 @@ def main(argv):
     summary = dict(settings={k: cfg[k] for k in DEFAULTS}, hardware=hw, wall_seconds=round(wall, 1), run_seconds=times,
                    seeds=seeds, reference=refs, commands={name: SETTINGS[name][:2] for name in names},
                    val_loss={name: {str(i): table[name][i] for i in at} for name in names})
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-        f.write('\n'.join(md))
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-        f.write('\n')
-    with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['setting', 'seed', 'iter', 'val_loss'])
-        for name in names:
-            for sd, c in zip(seeds, curves[name]):
-                for i in sorted(c):
-                    w.writerow([name, sd, i, c[i]])
+    write_results(out_dir, md, summary, ['setting', 'seed', 'iter', 'val_loss'],
+                  [[name, sd, i, c[i]] for name in names for sd, c in zip(seeds, curves[name]) for i in sorted(c)])
     print('\n'.join(md))
     print(f"wrote {out_dir}/results.md, results.json, results.csv")
     return summary

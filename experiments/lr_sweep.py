@@ -20,8 +20,6 @@ and rate, the best in bold; a best at the edge of the grid says the grid should 
 results.csv, each run's checkpoint and log.jsonl in ckpt/<pe>-lr<lr>/, each command's output in logs/.
 """
 
-import csv
-import json
 import os
 import sys
 import time
@@ -31,7 +29,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configurator import ConfigError  # noqa: E402
-from paper_in_miniature import StepFailed, finished_training, last_val_loss, run_steps, script_settings  # noqa: E402
+from paper_in_miniature import (StepFailed, finished_training, last_val_loss, run_steps, script_settings,  # noqa: E402
+                                write_results)
 
 # -----------------------------------------------------------------------------
 # settings (python experiments/lr_sweep.py --key=value; --quick alone means --quick=True)
@@ -139,17 +138,9 @@ def main(argv):
                    run_seconds=times, val_loss={pe: {f'{lr:g}': v for lr, v in loss[pe].items()}
                                                 for pe in pes},
                    best_lr={pe: best[pe] for pe in pes})
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-        f.write('\n'.join(md))
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-        f.write('\n')
-    with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['config', 'learning_rate', 'val_loss', 'best'])
-        for pe in pes:
-            for lr, v in loss[pe].items():
-                w.writerow([f'tiny_{pe}', f'{lr:g}', '' if v is None else v, lr == best[pe]])
+    write_results(out_dir, md, summary, ['config', 'learning_rate', 'val_loss', 'best'],
+                  [[f'tiny_{pe}', f'{lr:g}', '' if v is None else v, lr == best[pe]]
+                   for pe in pes for lr, v in loss[pe].items()])
     print('\n'.join(md))
     print(f"wrote {out_dir}/results.md, results.json, results.csv")
     return summary

@@ -191,6 +191,29 @@ def digests(paths):
     return out
 
 
+def same_record(path, inputs_now):
+    """True when the JSON record at path (written when a step finished) equals inputs_now(), the
+    inputs that step would read today. A missing or unreadable record, or a record of None (from a
+    file that was missing then), never counts as finished."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return record is not None and record == inputs_now()
+
+
+def skip_finished(steps, finished, why):
+    """The steps that are not finished(argv) yet; each one left out is printed with why."""
+    todo = []
+    for name, argv in steps:
+        if finished(argv):
+            print(f"  {name}: {show(argv)} finished before, {why}: not run again", flush=True)
+        else:
+            todo.append((name, argv))
+    return todo
+
+
 def evaluation_inputs(argv, folder, split):
     """What an eval_ppl.py command read: its own arguments and the SHA-256 of every file it depends on
     (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
@@ -204,13 +227,7 @@ def finished_evaluation(argv, folder, split):
     its JSON is there and the record written beside it when it finished (<out>.inputs.json) matches.
     Such an evaluation is not run again (a miniature that adds seeds or fine-tunes reuses the rest)."""
     out = setting(argv, 'out')
-    try:
-        with open(out + '.inputs.json') as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return False
-    # (a record of None, from a file that was missing, never counts as finished)
-    return record is not None and os.path.exists(out + '.json') and record == evaluation_inputs(argv, folder, split)
+    return os.path.exists(out + '.json') and same_record(out + '.inputs.json', lambda: evaluation_inputs(argv, folder, split))
 
 
 def finetune_record(argv):
@@ -225,12 +242,7 @@ def finished_finetune(argv):
     """True when this finetune_long.py command already ran to its end from the very same pretrained
     checkpoint, and its checkpoint is still the one it wrote: the record written when it finished
     (<out_dir>/finetune.inputs.json) matches. Such a fine-tune is not run again."""
-    try:
-        with open(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json')) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return record is not None and record == finetune_record(argv)
+    return same_record(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json'), lambda: finetune_record(argv))
 
 
 def run_steps(steps, cfg, record, done=None):
@@ -398,15 +410,31 @@ def aggregate(cells, lengths, n_resamples=1000, seed=0):
     return out
 
 
-def last_val_loss(out_dir):
-    """The last evaluation of a train.py/finetune_long.py run (log.jsonl): (iter, val loss)."""
-    last = None
+def val_losses(out_dir):
+    """{iter: validation loss} of every evaluation of a train.py/finetune_long.py run (its log.jsonl;
+    a resumed run's repeated evaluation counts once, the later one). OSError when there is no log."""
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec['kind'] == 'eval':
-                last = (rec['iter'], rec['val_loss'])
-    return last
+        return {r['iter']: r['val_loss'] for r in map(json.loads, f) if r['kind'] == 'eval'}
+
+
+def last_val_loss(out_dir):
+    """The last evaluation of a run: (iter, val loss), or None when it has none yet."""
+    losses = val_losses(out_dir)
+    return (max(losses), losses[max(losses)]) if losses else None
+
+
+def write_results(out_dir, md, summary, header, rows):
+    """An experiment's three result files in out_dir: results.md (the lines md), results.json (summary)
+    and results.csv (header, then rows)."""
+    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+        f.write('\n'.join(md))
+    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+        f.write('\n')
+    with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def fmt(v):
@@ -637,10 +665,7 @@ def main(argv):
         pretrain = [(f'pretrain_{pe}-s{sd}', [py, 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ck(pe, sd)}',
                                                f'--seed={sd}', f'--max_iters={n}', f'--lr_decay_iters={n}']
                      + data + quick_train) for sd in seeds for pe in pes]
-        for step in [step for step in pretrain if finished_training(step[1])]:  # (argv is this script's)
-            print(f"  {step[0]}: {show(step[1])} finished before, with these settings: not run again", flush=True)
-            pretrain.remove(step)
-        run_steps(pretrain, cfg, times)
+        run_steps(skip_finished(pretrain, finished_training, 'with these settings'), cfg, times)
 
         # 3. zero-shot evaluation, and RoPE with inference-time extension (no fine-tuning): eval_ppl.py's
         # own protocol (spans) on the report's split, every seed's models on the same spans
@@ -656,10 +681,8 @@ def main(argv):
         def run_evaluations(steps, others=()):
             """The eval_ppl.py steps, but those already done, and others beside them; an evaluation's
             inputs are recorded as soon as it finishes, for finished_evaluation."""
-            for step in [step for step in steps if finished_evaluation(step[1], folder, cfg['split'])]:
-                print(f"  {step[0]}: {show(step[1])} finished before, on the same checkpoints and text: "
-                      f"not run again", flush=True)
-                steps.remove(step)
+            steps = skip_finished(steps, lambda argv: finished_evaluation(argv, folder, cfg['split']),
+                                  'on the same checkpoints and text')
             names = {name for name, _ in steps}
 
             def record(name, argv):
@@ -677,10 +700,7 @@ def main(argv):
                                                  f'--init_dir={ck(src, sd)}', f'--out_dir={ck(name, sd)}',
                                                  f'--seed={sd}', f'--max_iters={m}'] + extra + quick_ft)
                      for sd in seeds for name, _, src, extra in finetunes]
-            for step in [step for step in steps if finished_finetune(step[1])]:
-                print(f"  {step[0]}: {show(step[1])} finished before, from the same pretrained model: "
-                      f"not run again", flush=True)
-                steps.remove(step)
+            steps = skip_finished(steps, finished_finetune, 'from the same pretrained model')
 
             def record_finetune(name, argv):  # as soon as it has finished, for finished_finetune
                 with open(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json'), 'w') as f:

@@ -423,6 +423,30 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
         os.chdir(cwd)
 
 
+def test_val_losses_read_a_resumed_log_and_last_val_loss_is_the_latest_step(tmp_path):
+    # a run that evaluated at 0, 4 and 8, was interrupted and resumed from 4: its log says 4 and 8 again
+    recs = [dict(kind='eval', iter=0, val_loss=5.0), dict(kind='train', iter=2, loss=4.5),
+            dict(kind='eval', iter=4, val_loss=4.0), dict(kind='eval', iter=8, val_loss=3.5),
+            dict(kind='eval', iter=4, val_loss=4.0), dict(kind='train', iter=6, loss=3.2),
+            dict(kind='eval', iter=8, val_loss=3.25)]
+    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    assert paper_in_miniature.val_losses(tmp_path) == {0: 5.0, 4: 4.0, 8: 3.25}
+    assert paper_in_miniature.last_val_loss(tmp_path) == (8, 3.25)
+    (tmp_path / 'log.jsonl').write_text(json.dumps(dict(kind='train', iter=1, loss=6.0)) + '\n')
+    assert paper_in_miniature.last_val_loss(tmp_path) is None  # no evaluation yet
+    with pytest.raises(OSError):
+        paper_in_miniature.val_losses(tmp_path / 'missing')
+
+
+def test_write_results_writes_the_three_files(tmp_path):
+    paper_in_miniature.write_results(tmp_path, ['# title', '', 'text'], dict(a=1, b=[2.5]), ['x', 'y'],
+                                     [[1, 'p'], [2, '']])
+    assert (tmp_path / 'results.md').read_text() == '# title\n\ntext'
+    assert json.loads((tmp_path / 'results.json').read_text()) == dict(a=1, b=[2.5])
+    with open(tmp_path / 'results.csv', newline='') as f:
+        assert list(csv.reader(f)) == [['x', 'y'], ['1', 'p'], ['2', '']]
+
+
 def docs_sums(rng, n_docs, rate_spread=1.0):
     """Made-up sums per document: (nll, tokens) with documents of different lengths and difficulty."""
     tokens = rng.integers(50, 150, n_docs)

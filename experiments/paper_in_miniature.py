@@ -535,25 +535,26 @@ def plot(panels, Ls, path, marks, ylabel):
     return path
 
 
-def write_csv(path, rows, Ls, seeds):
-    """One row per stage, label and length: the mean, the interval, the spread and each seed's value,
-    of the perplexity and of its ratio to the first length (empty where n/a)."""
+def csv_table(rows, Ls, seeds):
+    """results.csv's header and rows: one row per stage, label and length, with the mean, the interval,
+    the spread and each seed's value, of the perplexity and of its ratio to the first length (empty
+    where n/a)."""
     def num(v):
         return '' if v is None else v
-    with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['stage', 'label', 'trained_block_size', 'length', 'seeds', 'ppl_mean', 'ppl_lo', 'ppl_hi',
-                    'ppl_min', 'ppl_max', 'ratio_mean', 'ratio_lo', 'ratio_hi', 'ratio_min', 'ratio_max']
-                   + [f'ppl_s{sd}' for sd in seeds] + [f'ratio_s{sd}' for sd in seeds])
-        for r in rows:
-            for L in Ls:
-                st = r['results'][L] or {}
-                ci, rci = st.get('ci') or [None, None], st.get('ratio_ci') or [None, None]
-                spread, rspread = st.get('spread') or [None, None], st.get('ratio_spread') or [None, None]
-                per, rper = st.get('per_seed') or [None] * len(seeds), st.get('ratio_per_seed') or [None] * len(seeds)
-                w.writerow([r['stage'], r['label'], r['trained'], L, len(seeds), num(st.get('mean')), *map(num, ci),
-                            *map(num, spread), num(st.get('ratio')), *map(num, rci), *map(num, rspread)]
-                           + [num(v) for v in per] + [num(v) for v in rper])
+    header = (['stage', 'label', 'trained_block_size', 'length', 'seeds', 'ppl_mean', 'ppl_lo', 'ppl_hi',
+               'ppl_min', 'ppl_max', 'ratio_mean', 'ratio_lo', 'ratio_hi', 'ratio_min', 'ratio_max']
+              + [f'ppl_s{sd}' for sd in seeds] + [f'ratio_s{sd}' for sd in seeds])
+    out = []
+    for r in rows:
+        for L in Ls:
+            st = r['results'][L] or {}
+            ci, rci = st.get('ci') or [None, None], st.get('ratio_ci') or [None, None]
+            spread, rspread = st.get('spread') or [None, None], st.get('ratio_spread') or [None, None]
+            per, rper = st.get('per_seed') or [None] * len(seeds), st.get('ratio_per_seed') or [None] * len(seeds)
+            out.append([r['stage'], r['label'], r['trained'], L, len(seeds), num(st.get('mean')), *map(num, ci),
+                        *map(num, spread), num(st.get('ratio')), *map(num, rci), *map(num, rspread)]
+                       + [num(v) for v in per] + [num(v) for v in rper])
+    return header, out
 
 
 def check_split(folder, split, cfg):
@@ -796,12 +797,7 @@ def main(argv):
     md += ['', '## Time per step (wall seconds)', '', '| step | seconds |', '|---|---:|']
     md += [f"| {k} | {v} |" for k, v in times.items()]
     md += ['', 'Commands: commands.sh; outputs of each: logs/; every evaluation (one per model and seed): eval/.', '']
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-        f.write('\n'.join(md))
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-        f.write('\n')
-    write_csv(os.path.join(out_dir, 'results.csv'), list(rows.values()), Ls, seeds)
+    write_results(out_dir, md, summary, *csv_table(list(rows.values()), Ls, seeds))
     panels = [('zero-shot: trained at 128, no fine-tuning', zs)] + ([('fine-tuned to 4x (512)', ft)] if ft else [])
     png = plot(panels, Ls, os.path.join(out_dir, 'ppl.png'),
                [(128, 'trained 128')] + ([(512, 'fine-tuned 512')] if ft else []),

@@ -359,14 +359,16 @@ def run_ppl(nll, tokens):
     return math.exp(min(float(nll.sum() / tokens.sum()), 700.0))
 
 
-def aggregate(cells, lengths, n_resamples=1000, seed=0):
+def aggregate(cells, lengths, n_resamples=1000, seed=0, against=None):
     """The tables' numbers: means over seeds, spreads between seeds and paired-bootstrap intervals.
 
     cells: {row: [one entry per seed: {L: (doc_nll, doc_tokens), or None where the row has no value
     at L}]}, every array over the same documents in the same order. Returns {row: {L: None or dict(
     mean, spread=[min, max], per_seed, ci=[lo, hi], ratio, ratio_spread, ratio_per_seed, ratio_ci)}}.
     The ratio is to the first length, taken per seed and then averaged: a mean of ratios (a ratio of
-    the means would mix one seed's 1x with another's 16x).
+    the means would mix one seed's 1x with another's 16x). against: {row: reference row} adds, where
+    both have a value, diff_to (the reference), diff = this row's mean perplexity minus the
+    reference's and diff_ci, its interval: is the gap between two models larger than the books explain?
 
     The interval: n_resamples times, draw as many documents as there are, with replacement, ONCE, and
     use that draw for every row, seed and length: every model was scored on the same spans, so a
@@ -387,11 +389,12 @@ def aggregate(cells, lengths, n_resamples=1000, seed=0):
 
     def interval(x):
         return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
-    out = {}
+    out, boots = {}, {}
     for row, runs in cells.items():
         have = [L for L in lengths if all(run.get(L) is not None for run in runs)]
         point = {L: np.array([run_ppl(*run[L]) for run in runs]) for L in have}  # (seeds,)
         boot = {L: np.stack([resampled(*run[L]) for run in runs]) for L in have} if draws is not None else {}
+        boots[row] = boot
         first = lengths[0] if lengths[0] in have else None  # the 1x column
         out[row] = {}
         for L in lengths:
@@ -407,6 +410,13 @@ def aggregate(cells, lengths, n_resamples=1000, seed=0):
                              ratio_per_seed=q.tolist(),
                              ratio_ci=interval((boot[L] / boot[first]).mean(0)) if boot else None)
             out[row][L] = stats
+    for row, ref in (against or {}).items():
+        for L in lengths:
+            mine, theirs = out[row][L], out[ref][L]
+            if row != ref and mine is not None and theirs is not None:
+                # each resample's mean over seeds, this row's minus the reference's, on the same books
+                mine.update(diff_to=ref, diff=mine['mean'] - theirs['mean'],
+                            diff_ci=interval(boots[row][L].mean(0) - boots[ref][L].mean(0)) if boots[row] else None)
     return out
 
 
@@ -447,10 +457,19 @@ def fmt_ratio(v):
     return f'{v:.2f}'
 
 
+def fmt_diff(v):
+    return f'{v:+.2f}' if abs(v) < 100 else f'{v:+.0f}'
+
+
 def cell(stats, what, n_seeds):
-    """'mean [lo, hi] (min-max)' of a perplexity (what='mean') or a ratio (what='ratio')."""
+    """'mean [lo, hi] (min-max)' of a perplexity (what='mean') or a ratio (what='ratio'); 'diff [lo, hi]'
+    of a difference to the reference row (what='diff': the seeds of two models are not pairs, so no
+    spread)."""
     if stats is None or stats.get(what) is None:
         return 'n/a'
+    if what == 'diff':
+        ci = stats['diff_ci']
+        return fmt_diff(stats['diff']) + (f' [{fmt_diff(ci[0])}, {fmt_diff(ci[1])}]' if ci else '')
     f = fmt if what == 'mean' else fmt_ratio
     ci, spread = stats['ci' if what == 'mean' else 'ratio_ci'], stats['spread' if what == 'mean' else 'ratio_spread']
     text = f(stats[what])
@@ -542,7 +561,8 @@ def csv_table(rows, Ls, seeds):
     def num(v):
         return '' if v is None else v
     header = (['stage', 'label', 'trained_block_size', 'length', 'seeds', 'ppl_mean', 'ppl_lo', 'ppl_hi',
-               'ppl_min', 'ppl_max', 'ratio_mean', 'ratio_lo', 'ratio_hi', 'ratio_min', 'ratio_max']
+               'ppl_min', 'ppl_max', 'ratio_mean', 'ratio_lo', 'ratio_hi', 'ratio_min', 'ratio_max',
+               'diff_to', 'diff_mean', 'diff_lo', 'diff_hi']
               + [f'ppl_s{sd}' for sd in seeds] + [f'ratio_s{sd}' for sd in seeds])
     out = []
     for r in rows:
@@ -551,8 +571,11 @@ def csv_table(rows, Ls, seeds):
             ci, rci = st.get('ci') or [None, None], st.get('ratio_ci') or [None, None]
             spread, rspread = st.get('spread') or [None, None], st.get('ratio_spread') or [None, None]
             per, rper = st.get('per_seed') or [None] * len(seeds), st.get('ratio_per_seed') or [None] * len(seeds)
+            dci = st.get('diff_ci') or [None, None]
+            ref = st.get('diff_to')  # (stage, label) of the reference row
             out.append([r['stage'], r['label'], r['trained'], L, len(seeds), num(st.get('mean')), *map(num, ci),
-                        *map(num, spread), num(st.get('ratio')), *map(num, rci), *map(num, rspread)]
+                        *map(num, spread), num(st.get('ratio')), *map(num, rci), *map(num, rspread),
+                        '' if ref is None else ref[1], num(st.get('diff')), *map(num, dci)]
                        + [num(v) for v in per] + [num(v) for v in rper])
     return header, out
 
@@ -740,7 +763,11 @@ def main(argv):
                     row['seeds'].append(sd)
                     row['ckpts'].append(mod['ckpt'])
                     cells.setdefault(key, []).append(mod['cells'])
-    stats = aggregate(cells, Ls, cfg['bootstrap'])
+    # every row's perplexity against the first of its stage (the first of --encodings, or its fine-tune)
+    first_of = {}
+    for key in rows:
+        first_of.setdefault(key[0], key)
+    stats = aggregate(cells, Ls, cfg['bootstrap'], against={key: first_of[key[0]] for key in rows})
     for key, row in rows.items():
         row['ppl'] = {L: None if st is None else st['mean'] for L, st in stats[key].items()}
         row['results'] = stats[key]
@@ -781,11 +808,16 @@ def main(argv):
                                          else '') + f". {how}", '']
     if few:
         md += [few, '']
-    md += ['## Zero-shot (trained at 128)', '', ppl_table(zs, Ls, 'mean', len(seeds)), '',
-           f'Ratio to {Ls[0]}:', '', ppl_table(zs, Ls, 'ratio', len(seeds)), '']
+    def stage_tables(title, stage_rows):
+        out = [title, '', ppl_table(stage_rows, Ls, 'mean', len(seeds)), '',
+               f'Ratio to {Ls[0]}:', '', ppl_table(stage_rows, Ls, 'ratio', len(seeds)), '']
+        if len(stage_rows) > 1:
+            out += [f"Difference to {stage_rows[0]['label']} (perplexity, this row's minus its; the mean over seeds "
+                    f"[95% paired interval over the books]):", '', ppl_table(stage_rows[1:], Ls, 'diff', len(seeds)), '']
+        return out
+    md += stage_tables('## Zero-shot (trained at 128)', zs)
     if ft:
-        md += ['## Fine-tuned to 4x (512)', '', ppl_table(ft, Ls, 'mean', len(seeds)), '',
-               f'Ratio to {Ls[0]}:', '', ppl_table(ft, Ls, 'ratio', len(seeds)), '']
+        md += stage_tables('## Fine-tuned to 4x (512)', ft)
     md += ['## Final validation loss of each run (nats per byte, at its own context)', '',
            '| run | iter | val loss |', '|---|---:|---:|']
     md += [f"| {k} | {v[0]} | {v[1]:.4f} |" for k, v in val.items() if v is not None]

@@ -497,6 +497,34 @@ def test_aggregate_resamples_documents_once_for_every_seed_length_and_model():
     assert agg['two'][16]['ci'] == pytest.approx(agg['a'][16]['ci'], rel=1e-12)
 
 
+def test_aggregate_differences_between_models_are_paired_over_the_books():
+    rng = np.random.default_rng(7)
+    nll, tok = docs_sums(rng, 8, rate_spread=2.0)  # books of very different difficulty
+    a = [{8: (nll, tok)}, {8: (nll + 0.1 * tok, tok)}]  # two seeds
+    same = [dict(run) for run in a]
+    # b is 0.2 nats per token harder than a on every book, c on half the books only
+    b = [{8: (n + 0.2 * t, t)} for n, t in (run[8] for run in a)]
+    half = np.where(np.arange(8) % 2 == 0, 0.4, 0.0)
+    c = [{8: (n + half * t, t)} for n, t in (run[8] for run in a)]
+    agg = paper_in_miniature.aggregate({'a': a, 'same': same, 'b': b, 'c': c}, [8], n_resamples=500,
+                                       against={'same': 'a', 'b': 'a', 'c': 'a', 'a': 'a'})
+
+    def ppl(run):  # by hand: exp(total nll / total tokens)
+        n, t = run[8]
+        return math.exp(sum(n.tolist()) / sum(t.tolist()))
+    mean = lambda runs: sum(ppl(r) for r in runs) / len(runs)  # noqa: E731
+    assert agg['b'][8]['diff'] == pytest.approx(mean(b) - mean(a), rel=1e-12)
+    assert agg['b'][8]['diff_to'] == 'a' and 'diff' not in agg['a'][8]  # (no difference to itself)
+    # the same model on the same books: no difference in any resample (independent draws would give one)
+    assert agg['same'][8]['diff_ci'] == [0.0, 0.0]
+    # harder on every book: every resample says so, though the perplexities' own intervals overlap
+    lo, hi = agg['b'][8]['diff_ci']
+    assert 0 < lo <= agg['b'][8]['diff'] <= hi
+    assert agg['b'][8]['ci'][0] < agg['a'][8]['ci'][1]
+    # as much harder on average but on half the books only: a wider interval, as the books disagree
+    assert agg['c'][8]['diff_ci'][1] - agg['c'][8]['diff_ci'][0] > hi - lo
+
+
 def test_aggregate_with_one_seed_gives_eval_ppls_intervals():
     rng = np.random.default_rng(5)
     Ls = [8, 16]

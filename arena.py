@@ -23,7 +23,8 @@ encoding a model trains at the training length L (block_size), then is tested at
   offset  k written in digits, a separator, random tokens: at every token, output the one exactly k
           positions back (the exact-offset skill). Exact match: each such answer. k is drawn from
           1..L/2 in training and at every test length; the column "k > L" draws k from L+1..2L,
-          offsets no training row ever asked for.
+          offsets no training row ever asked for. Past L, the answers are also scored apart by
+          where they stand: before position L (where training put every answer) and from L on.
 
 Training rows of recall and copy also ask, at each value (symbol) of the context, for the token just
 before it: it teaches the model to bind neighbours, without which a model this small sits for
@@ -127,6 +128,7 @@ QUICK = dict(out='runs/arena-quick', block_size=16, n_layer=1, n_head=2, n_embd=
 RECOMMENDED = {'tapa': dict(tapa_phase_scale=0.05, tapa_phase='linear')}
 # what evaluating a run depends on (anything else that changed needs new training: another --out)
 EVAL_KEYS = ['rope_extensions', 'lengths', 'depths', 'eval_rows']
+SCORING = 2  # raise it when evaluate_model scores something new: saved evaluations are then redone
 NOT_TRAINING = EVAL_KEYS + ['out', 'quick', 'encodings', 'tasks', 'seeds', 'seed', 'jobs', 'threads', 'dpi', 'device',
                             'train_eval_rows', 'log_interval', 'wandb_log', 'wandb_project', 'wandb_run_name']
 EVAL_SEED = 2024  # the test rows: the same for every model and seed
@@ -252,6 +254,8 @@ def task_offset(T, rng, cfg, k_range=None):
 
 
 TEST_OPTIONS = {'copy': {'longest': True, 'bind': False}, 'recall': {'bind': False}}  # what the tests ask
+# the metrics of each test (n/a where a test cannot run)
+METRICS = {'copy': ['exact', 'token'], 'offset': ['exact', 'before_L', 'past_L']}
 GENERATORS = {'needle': task_needle, 'recall': task_recall, 'copy': task_copy, 'offset': task_offset}
 
 
@@ -274,16 +278,22 @@ def batch_source(cfg, task, seed):
 # -----------------------------------------------------------------------------
 # accuracy
 
-def accuracy(task, pred, y):
+def accuracy(task, pred, y, split_at=None):
     """Exact match of predictions pred against answers y (both (rows, T); y = -1 where nothing is asked),
     as the task defines it. needle: the value (one per row); recall and offset: each answer; copy: the
-    whole copy (per row), and 'token', the fraction of copied tokens right. None where nothing is asked."""
+    whole copy (per row), and 'token', the fraction of copied tokens right. None where nothing is asked.
+    split_at (offset): also 'before_L' and 'past_L', the answers at positions < split_at and >= it."""
     asked = y >= 0
     right = (pred == y) & asked
     n_asked = int(asked.sum())
     if n_asked == 0:
         return {'exact': None, 'token': None} if task == 'copy' else {'exact': None}
     per_answer = int(right.sum()) / n_asked
+    if split_at is not None:
+        def share(cols):  # the answers asked in these columns that are right, or None if none is asked
+            n = int(asked[:, cols].sum())
+            return int(right[:, cols].sum()) / n if n else None
+        return {'exact': per_answer, 'before_L': share(slice(None, split_at)), 'past_L': share(slice(split_at, None))}
     if task != 'copy':
         return {'exact': per_answer}
     rows = asked.any(dim=1)
@@ -338,15 +348,15 @@ def evaluate_model(model, task, cfg, device, label, run):
                 try:
                     x, y = held_out_rows(task, T, cfg, **options)
                 except ValueError:  # e.g. offsets > L at length L: no such row
-                    scores = dict.fromkeys(['exact', 'token'] if task == 'copy' else ['exact'])
+                    scores = dict.fromkeys(METRICS.get(name, ['exact']))
                 else:
                     try:
-                        scores = accuracy(task, predict(model, x, device), y)
+                        scores = accuracy(task, predict(model, x, device), y, L if name == 'offset' else None)
                     except ValueError as e:  # an encoding that cannot run at this length (learned past L)
                         if T <= L:
                             raise
                         notes[label] = f"n/a past {L}: {e}"
-                        scores = dict.fromkeys(['exact', 'token'] if task == 'copy' else ['exact'])
+                        scores = dict.fromkeys(METRICS.get(name, ['exact']))
                 for metric, value in scores.items():
                     records.append({**run, 'label': label, 'task': name, 'metric': metric, 'length': T,
                                     'depth': options.get('depth'), 'accuracy': value})
@@ -496,7 +506,7 @@ def train_or_load(cfg, task, pe, seed, given, device):
 def evaluate_run(cfg, model, task, pe, seed, device):
     """The run's records: from its eval.json when made with these evaluation settings, else measured now."""
     path = os.path.join(run_dir(cfg, task, pe, seed), 'eval.json')
-    key = {k: cfg[k] for k in EVAL_KEYS}
+    key = {**{k: cfg[k] for k in EVAL_KEYS}, 'scoring': SCORING}
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -527,12 +537,14 @@ TITLES = [('needle', 'exact', 'needle: the value (mean over depths)'),
           ('copy', 'exact', 'copy: the whole copy'),
           ('copy', 'token', 'copy: per token'),
           ('offset', 'exact', 'offset: the token k back, k in 1..L/2'),
+          ('offset', 'before_L', 'offset: its answers before position L'),
+          ('offset', 'past_L', 'offset: its answers from position L on'),
           ('offset_far', 'exact', 'offset: k > L (offsets never trained)')]
 # the summary table at the top of results.md (the README's): (task, metric, test length as a multiple of L)
 SUMMARY = [('needle', 'exact', 1), ('needle', 'exact', 4), ('needle', 'exact', 16),
            ('recall', 'exact', 1), ('recall', 'exact', 4), ('recall', 'exact', 16),
            ('copy', 'exact', 1), ('copy', 'token', 2), ('offset', 'exact', 1), ('offset', 'exact', 4),
-           ('offset_far', 'exact', 2)]
+           ('offset', 'before_L', 4), ('offset', 'past_L', 4), ('offset_far', 'exact', 2)]
 
 
 def seed_table(records):
@@ -580,7 +592,7 @@ def markdown(cfg, records, labels, notes, summary):
     columns = [(task, metric, m * L) for task, metric, m in SUMMARY
                if task.split('_')[0] in cfg['task_list'] and m * L in Ls]
     if columns:  # a few columns of the tables below, side by side
-        name = {'exact': '', 'token': ' per token'}
+        name = {'exact': '', 'token': ' per token', 'before_L': ' before L', 'past_L': ' past L'}
         md += ['## Summary', '', '| model | ' + ' | '.join(
                    f"{'offset k > L' if task == 'offset_far' else task}{name[metric]} {T // L}L"
                    for task, metric, T in columns) + ' |', '|---|' + '---:|' * len(columns)]

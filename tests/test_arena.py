@@ -160,6 +160,11 @@ def test_accuracy_by_hand():
     assert arena.accuracy('copy', pred, y) == {'exact': 0.5, 'token': 5 / 6}
     assert arena.accuracy('copy', y.clamp(min=0), y) == {'exact': 1.0, 'token': 1.0}
     assert arena.accuracy('recall', pred, torch.full((2, 4), -1)) == {'exact': None}  # nothing asked: n/a
+    # offset scored apart by where the answer stands: columns 0-2 before L = 3, columns 3-5 from it on
+    y = t([[-1, 1, 2, 3, 4, 5], [-1, -1, 6, 7, -1, 8]])
+    pred = t([[0, 1, 2, 0, 4, 0], [0, 0, 0, 7, 0, 0]])  # before L: 2 of 3 right; from L on: 2 of 5
+    assert arena.accuracy('offset', pred, y, split_at=3) == {'exact': 0.5, 'before_L': 2 / 3, 'past_L': 0.4}
+    assert arena.accuracy('offset', pred, y, split_at=6) == {'exact': 0.5, 'before_L': 0.5, 'past_L': None}
 
 
 def test_results_table_shows_the_mean_and_the_spread_over_seeds():
@@ -244,7 +249,13 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert {r['task'] for r in recs} == {'needle', 'recall', 'copy', 'offset', 'offset_far'}
     learned = [r for r in recs if r['label'] == 'learned']
     assert all(r['accuracy'] is None for r in learned if r['length'] > L)  # n/a past L
-    assert all(r['accuracy'] is not None for r in learned if r['length'] == L and r['task'] != 'offset_far')
+    assert all(r['accuracy'] is not None for r in learned
+               if r['length'] == L and r['task'] != 'offset_far' and r['metric'] != 'past_L')
+    # offset's answers scored apart: at L none stands past L; at 2L both parts are measured
+    offset = [r for r in recs if r['task'] == 'offset' and r['label'] != 'learned']
+    assert {r['metric'] for r in offset} == {'exact', 'before_L', 'past_L'}
+    assert all((r['accuracy'] is None) == (r['length'] == L) for r in offset if r['metric'] == 'past_L')
+    assert all(r['accuracy'] is not None for r in offset if r['metric'] == 'before_L')
     assert all(r['accuracy'] is None for r in recs if r['task'] == 'offset_far' and r['length'] == L)
     assert all(0 <= r['accuracy'] <= 1 for r in recs if r['accuracy'] is not None)
     md = (out / 'results.md').read_text()
@@ -265,6 +276,13 @@ def test_quick_end_to_end(tmp_path, capsys):
     mtime = os.path.getmtime(ckpt)
     again = arena.main(['--quick', f'--out={out}', '--threads=1'])
     assert again['records'] == recs and os.path.getmtime(ckpt) == mtime
+    # an evaluation saved before the scoring changed (no 'scoring' in its settings) is measured again
+    saved = out / 'runs' / 'offset' / 'rope-seed1337' / 'eval.json'
+    old = json.loads(saved.read_text())
+    del old['settings']['scoring']
+    old['records'] = [r for r in old['records'] if r['metric'] == 'exact']
+    saved.write_text(json.dumps(old))
+    assert arena.main(['--quick', f'--out={out}', '--threads=1'])['records'] == recs
     # other training settings into the same folder: refused, in one line
     with pytest.raises(ConfigError, match=r"holds runs trained with other settings: symbols=8 \(it has 16\)"):
         arena.main(['--quick', f'--out={out}', '--symbols=8'])

@@ -245,10 +245,18 @@ def finished_finetune(argv):
     return same_record(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json'), lambda: finetune_record(argv))
 
 
-def run_steps(steps, cfg, record, done=None):
+def run_steps(steps, cfg, record, done=None, save=None):
     """Run (name, argv) steps, up to cfg['jobs'] at a time (they must not depend on each other).
-    Each step's output goes to logs/<name>.log; its wall time is recorded, and done(name, argv), if
-    given, is called as soon as a step has succeeded (so an interruption keeps what finished)."""
+    Each step's output goes to logs/<name>.log; its wall time is recorded (record[name], and the whole
+    record written to the JSON file save, if given), and done(name, argv), if given, is called as soon
+    as a step has succeeded (so an interruption keeps what finished)."""
+    def finished(name, argv):
+        print(f"  {name}: done in {record[name]:.1f}s", flush=True)
+        if save:
+            with open(save, 'w') as f:
+                json.dump(record, f, indent=1)
+        if done:
+            done(name, argv)
     for name, argv in steps:
         print(f"$ {show(argv)}", flush=True)
         with open(os.path.join(cfg['out'], 'commands.sh'), 'a') as f:
@@ -258,9 +266,7 @@ def run_steps(steps, cfg, record, done=None):
             t0 = time.time()
             run_in_process(argv, log_path(cfg, name))
             record[name] = round(time.time() - t0, 1)
-            print(f"  {name}: done in {record[name]:.1f}s", flush=True)
-            if done:
-                done(name, argv)
+            finished(name, argv)
         return
     env = dict(os.environ)
     if cfg['threads']:
@@ -286,9 +292,7 @@ def run_steps(steps, cfg, record, done=None):
                     other.terminate()
                 raise StepFailed(f"{name} failed (exit code {proc.returncode}); the end of "
                                  f"{log_path(cfg, name)}:\n{tail(log_path(cfg, name))}")
-            print(f"  {name}: done in {record[name]:.1f}s", flush=True)
-            if done:
-                done(name, argv)
+            finished(name, argv)
 
 
 def run_in_process(argv, log):
@@ -643,7 +647,13 @@ def main(argv):
         import torch
         torch.set_num_threads(cfg['threads'])
     t_start, cpu_start, load_start = time.time(), cpu_seconds(), os.getloadavg()
-    times = {}
+    # every step's wall seconds, kept across invocations (a resumed run reports the steps it reused too)
+    times_path = os.path.join(out_dir, 'step_seconds.json')
+    try:
+        with open(times_path) as f:
+            times = json.load(f)
+    except (OSError, ValueError):
+        times = {}
     py = 'python'
     # the evaluations of each stage: (name, [(run, label)], extra eval_ppl.py settings), once per seed.
     # One eval_ppl.py command per model, all on the same spans: --jobs runs them side by side, and a
@@ -680,7 +690,7 @@ def main(argv):
                                       f"--num_books 50), put PG-19 books in {PG19_MINI} (train/ validation/ test/ "
                                       f"of <id>.txt) or pass --data_dir")
                 run_steps([('prepare', [py, 'data/pg19/prepare.py', '--tokenizer', 'byte', '--source', PG19_MINI])],
-                          cfg, times)
+                          cfg, times, save=times_path)
         check_split(folder, cfg['split'], cfg)
         quick_train = ['--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4'] if cfg['quick'] else []
 
@@ -689,7 +699,7 @@ def main(argv):
         pretrain = [(f'pretrain_{pe}-s{sd}', [py, 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ck(pe, sd)}',
                                                f'--seed={sd}', f'--max_iters={n}', f'--lr_decay_iters={n}']
                      + data + quick_train) for sd in seeds for pe in pes]
-        run_steps(skip_finished(pretrain, finished_training, 'with these settings'), cfg, times)
+        run_steps(skip_finished(pretrain, finished_training, 'with these settings'), cfg, times, save=times_path)
 
         # 3. zero-shot evaluation, and RoPE with inference-time extension (no fine-tuning): eval_ppl.py's
         # own protocol (spans) on the report's split, every seed's models on the same spans
@@ -713,7 +723,7 @@ def main(argv):
                 if name in names:
                     with open(setting(argv, 'out') + '.inputs.json', 'w') as f:
                         json.dump(evaluation_inputs(argv, folder, cfg['split']), f, indent=1)
-            run_steps(steps + list(others), cfg, times, done=record)
+            run_steps(steps + list(others), cfg, times, done=record, save=times_path)
         run_evaluations(evaluations(zeroshot))
 
         if cfg['finetune']:
@@ -729,7 +739,7 @@ def main(argv):
             def record_finetune(name, argv):  # as soon as it has finished, for finished_finetune
                 with open(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json'), 'w') as f:
                     json.dump(finetune_record(argv), f, indent=1)
-            run_steps(steps, cfg, times, done=record_finetune)
+            run_steps(steps, cfg, times, done=record_finetune, save=times_path)
 
             # 5. evaluation of the fine-tuned models (and 6. passkey retrieval)
             passkey = []
@@ -826,7 +836,8 @@ def main(argv):
         md += ['', f"## Passkey retrieval of the fine-tuned models (accuracy / log-likelihood per digit, the mean "
                    f"over {len(seeds)} seed(s); chance -2.30; {cfg['passkey_trials']} keys x depths 0, 0.5, 1)", '',
                table]
-    md += ['', '## Time per step (wall seconds)', '', '| step | seconds |', '|---|---:|']
+    md += ['', f"## Time per step (wall seconds, each from the invocation that ran it; {sum(times.values()) / 60:.1f} "
+               f"min summed)", '', '| step | seconds |', '|---|---:|']
     md += [f"| {k} | {v} |" for k, v in times.items()]
     md += ['', 'Commands: commands.sh; outputs of each: logs/; every evaluation (one per model and seed): eval/.', '']
     write_results(out_dir, md, summary, *csv_table(list(rows.values()), Ls, seeds))

@@ -395,6 +395,11 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in evals} == written
     assert again['perplexity'][0]['results'][Ls[0]]['mean'] == rows[0]['results'][Ls[0]]['mean']
     assert again['command'].endswith('--finetune=False')  # its own command, not one of its steps'
+    # the steps it reused keep the wall time of the invocation that ran them
+    first_times = summary['step_seconds']
+    assert {f'pretrain_{pe}-s{sd}' for pe in ('tapa_small_linear', 'rope') for sd in seeds} <= set(first_times)
+    assert again['step_seconds'] == first_times
+    assert json.loads((out / 'step_seconds.json').read_text()) == first_times
     # a checkpoint that changed (here one weight of seed 1338's RoPE) makes its evaluations run again, and
     # only those: seed 1338's RoPE, zero-shot and with its two inference-time extensions
     path = out / 'ckpt' / 'rope-s1338' / 'ckpt.pt'
@@ -639,7 +644,7 @@ def test_paper_in_miniature_quick_never_uses_the_full_runs_folder(tmp_path, monk
         pass
     used = []
 
-    def first_step(steps, cfg, record):  # stop at the first command: only the folder matters here
+    def first_step(steps, cfg, record, done=None, save=None):  # stop at the first command: only the folder matters here
         used.append(cfg['out'])
         raise Stop
     monkeypatch.setattr(paper_in_miniature, 'run_steps', first_step)
@@ -665,7 +670,7 @@ def test_paper_in_miniature_zero_shot_only_and_its_settings(tmp_path, monkeypatc
         pass
     names = []
 
-    def record(steps, cfg, times, done=None):  # the commands, not run
+    def record(steps, cfg, times, done=None, save=None):  # the commands, not run
         names.extend(name for name, _ in steps)
 
     def stop(path):

@@ -215,7 +215,7 @@ def skip_finished(steps, finished, why):
 
 
 def evaluation_inputs(argv, folder, split):
-    """What an eval_ppl.py command read: its own arguments and the SHA-256 of every file it depends on
+    """What an evaluation command read: its own arguments and the SHA-256 of every file it depends on
     (each --ckpt's ckpt.pt, the split's tokens and document index). Equal records mean an equal result."""
     files = digests([os.path.join(c, 'ckpt.pt') for c in setting(argv, 'ckpt').split(',')]
                     + [os.path.join(folder, f'{split}{ext}') for ext in ('.bin', '.docs.npy')])
@@ -223,9 +223,10 @@ def evaluation_inputs(argv, folder, split):
 
 
 def finished_evaluation(argv, folder, split):
-    """True when this eval_ppl.py command already ran to the end on the very same checkpoints and text:
-    its JSON is there and the record written beside it when it finished (<out>.inputs.json) matches.
-    Such an evaluation is not run again (a miniature that adds seeds or fine-tunes reuses the rest)."""
+    """True when this eval_ppl.py (or eval_passkey.py) command already ran to the end on the very same
+    checkpoints and text: its JSON is there and the record written beside it when it finished
+    (<out>.inputs.json) matches. Such an evaluation is not run again (a miniature that adds seeds or
+    fine-tunes reuses the rest)."""
     out = setting(argv, 'out')
     return os.path.exists(out + '.json') and same_record(out + '.inputs.json', lambda: evaluation_inputs(argv, folder, split))
 
@@ -712,18 +713,16 @@ def main(argv):
                                             f'--out={ev(name, sd)}'] + common)
                     for sd in seeds for name, models, extra in stage]
 
-        def run_evaluations(steps, others=()):
-            """The eval_ppl.py steps, but those already done, and others beside them; an evaluation's
+        def run_evaluations(steps):
+            """The eval_ppl.py (and eval_passkey.py) steps, but those already done; an evaluation's
             inputs are recorded as soon as it finishes, for finished_evaluation."""
             steps = skip_finished(steps, lambda argv: finished_evaluation(argv, folder, cfg['split']),
                                   'on the same checkpoints and text')
-            names = {name for name, _ in steps}
 
             def record(name, argv):
-                if name in names:
-                    with open(setting(argv, 'out') + '.inputs.json', 'w') as f:
-                        json.dump(evaluation_inputs(argv, folder, cfg['split']), f, indent=1)
-            run_steps(steps + list(others), cfg, times, done=record, save=times_path)
+                with open(setting(argv, 'out') + '.inputs.json', 'w') as f:
+                    json.dump(evaluation_inputs(argv, folder, cfg['split']), f, indent=1)
+            run_steps(steps, cfg, times, done=record, save=times_path)
         run_evaluations(evaluations(zeroshot))
 
         if cfg['finetune']:
@@ -749,7 +748,7 @@ def main(argv):
                                                f'--lengths={",".join(map(str, Ls))}', '--depths=0,0.5,1',
                                                f'--num_trials={cfg["passkey_trials"]}', f'--out={ev("passkey", sd)}',
                                                '--quiet=True']) for sd in seeds]
-            run_evaluations(evaluations(finetuned), passkey)
+            run_evaluations(evaluations(finetuned) + passkey)
     finally:
         os.chdir(old_cwd)
 

@@ -389,7 +389,8 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert len(finetuned) == 8 and all((p.parent / 'finetune.inputs.json').exists() for p in finetuned)
     finetuned_evals = [p for p in sorted((out / 'eval').glob('finetuned_*.json')) if not p.name.endswith('.inputs.json')]
     assert len(finetuned_evals) == 8
-    tuned = {str(p): p.stat().st_mtime_ns for p in finetuned + finetuned_evals}
+    passkeys = [out / 'eval' / f'passkey-s{sd}.json' for sd in seeds]
+    tuned = {str(p): p.stat().st_mtime_ns for p in finetuned + finetuned_evals + passkeys}
     again = paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
     assert {sd: digest(out / 'ckpt' / f'rope-s{sd}' / 'ckpt.pt') for sd in seeds} == before
     assert {p.name: p.stat().st_mtime_ns for p in evals} == written
@@ -410,11 +411,13 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}', '--finetune=False'])
     rerun = {p.name for p in evals if p.stat().st_mtime_ns != written[p.name]}
     assert rerun == {'zeroshot_rope-s1338.json', 'zeroshot_rope_yarn4-s1338.json', 'zeroshot_rope_dynntk-s1338.json'}
-    # and with the fine-tunes: only the three that start from that RoPE (and their evaluations) run again
+    # and with the fine-tunes: only the three that start from that RoPE (their evaluations and seed 1338's
+    # passkey retrieval) run again
     paper_in_miniature.main(['--quick', '--seeds=2', f'--out={out}', f'--data_dir={data}'])
     rerun = {os.path.relpath(p, out) for p, t in tuned.items() if os.stat(p).st_mtime_ns != t}
     assert rerun == {*(f'ckpt/rope-ft4x-{m}-s1338/ckpt.pt' for m in ('pi', 'yarn', 'abf')),
-                     *(f'eval/finetuned_rope-ft4x-{m}-s1338.json' for m in ('pi', 'yarn', 'abf'))}
+                     *(f'eval/finetuned_rope-ft4x-{m}-s1338.json' for m in ('pi', 'yarn', 'abf')),
+                     'eval/passkey-s1338.json'}
     argv = ['python', 'train.py', 'configs/tiny_rope.py', f'--out_dir={out / "ckpt" / "rope-s1337"}', '--seed=1337',
             f'--data_dir={data}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=1', '--batch_size=4']
     n = paper_in_miniature.QUICK['pretrain_iters']

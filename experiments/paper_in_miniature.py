@@ -809,7 +809,8 @@ def main(argv):
           f"`{summary['command']}`", '',
           f"Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, torch {hw['torch']} "
           f"({hw['torch_threads']} threads per command, {cfg['jobs']} command(s) at a time). "
-          f"Wall time {wall / 60:.1f} min; CPU time {cpu / 60:.1f} min. Load average (1/5/15 min) "
+          f"Wall time of this invocation {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min (every step's own "
+          f"time, reused ones too, at the end). Load average (1/5/15 min) "
           f"{'/'.join(f'{x:.1f}' for x in load_start)} at the start, {'/'.join(f'{x:.1f}' for x in load_end)} "
           f"at the end (above the CPU count means other jobs shared the CPU).", '',
           f"Byte-level models (4 layers, n_embd 128, 4 heads, 0.8M parameters) pretrained {cfg['pretrain_iters']} "

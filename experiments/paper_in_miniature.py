@@ -145,6 +145,11 @@ def script_settings(argv, defaults, quick, doc, what):
         if os.path.abspath(cfg['out']) == os.path.abspath(defaults['out']):
             raise ConfigError(f"--quick --out={cfg['out']}: that is where the full {what} keeps its results; "
                               f"a quick run goes elsewhere (default {quick['out']})")
+    if os.path.exists(cfg['out']) and not os.path.isdir(cfg['out']):
+        raise ConfigError(f"--out={cfg['out']} is a file, not a folder: give a folder for the results")
+    if cfg['jobs'] < 1 or cfg['threads'] < 0:
+        raise ConfigError(f"--jobs={cfg['jobs']} --threads={cfg['threads']}: at least 1 job at a time, and 0 "
+                          f"(torch's default) or more threads")
     return argv, cfg
 
 

@@ -15,6 +15,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
 sys.path.insert(0, os.path.join(REPO, 'tests'))
 import gpt2_tapa_setting as g  # noqa: E402
+import lr_sweep  # noqa: E402
+import paper_in_miniature  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 from test_finetune import make_data  # noqa: E402
 
@@ -88,6 +90,17 @@ def test_count_models_match_a_loop_over_the_pairs(tmp_path):
 def test_bad_settings(tmp_path, arg, message):
     with pytest.raises(ConfigError, match=message):
         g.main(['--quick', f'--out={tmp_path / "s"}', f'--data_dir={gpt2_data(tmp_path / "d")}', arg])
+
+
+@pytest.mark.parametrize('arg,message', [('--jobs=0', 'at least 1 job'), ('--threads=-1', 'or more threads'),
+                                         ('--out=FILE', 'is a file, not a folder')])
+def test_bad_run_settings_of_every_experiment_script(tmp_path, arg, message):
+    """script_settings, shared by experiments/gpt2_tapa_setting.py, lr_sweep.py and paper_in_miniature.py."""
+    (tmp_path / 'file').write_text('not a folder')
+    arg = arg.replace('FILE', str(tmp_path / 'file'))
+    for main in (g.main, lr_sweep.main, paper_in_miniature.main):
+        with pytest.raises(ConfigError, match=message):
+            main(['--quick', f'--out={tmp_path / "s"}', arg])
 
 
 def test_missing_data_says_how_to_prepare_it(tmp_path):

@@ -300,6 +300,8 @@ def train(overrides, model=None, defaults=DEFAULTS, optional_types=OPTIONAL_TYPE
     master = rank == 0  # only it prints, logs and writes checkpoints
     say = tqdm.write if master else (lambda *args, **kwargs: None)  # (tqdm.write: the progress bar stays whole)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.attn_impl == 'triton' and not str(device).startswith('cuda'):  # (say so now, not at the first step)
+        raise ConfigError(f"attn_impl='triton' is a CUDA kernel and device={device}: use attn_impl='auto'")
     ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
 
     random.seed(cfg.seed)

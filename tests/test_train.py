@@ -407,6 +407,13 @@ def test_range_checks_apply_only_where_a_setting_is_used():
                           'seed': 2**32 - 1, 'warmup_iters': 0, 'weight_decay': 0.0, 'grad_clip': 0.0})
 
 
+def test_triton_attention_on_a_cpu_is_refused_before_anything_is_written(tmp_path, data_dir):
+    out = tmp_path / 'run'
+    with pytest.raises(ConfigError, match=r"attn_impl='triton' is a CUDA kernel and device=cpu.*'auto'"):
+        train.train({**TINY, 'data_dir': data_dir, 'out_dir': str(out), 'attn_impl': 'triton', 'device': 'cpu'})
+    assert not out.exists()
+
+
 def test_unavailable_device_or_unknown_dtype_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
     with pytest.raises(ConfigError, match=r"device='cuda', but CUDA is not available here.*'cpu'"):

@@ -391,6 +391,11 @@ def test_block_size_larger_than_the_data(tmp_path):
      r"yarn_beta_fast=0\.0 must be > 0"),
     ({'pos_encoding': 'rope', 'rope_scaling': 'yarn', 'rope_factor': 2.0, 'yarn_beta_slow': -1.0},
      r"yarn_beta_slow=-1\.0 must be > 0"),
+    ({'pos_encoding': 'rope', 'rope_scaling': 'pi', 'rope_factor': 2.0, 'rope_original_block_size': 0},
+     r"rope_original_block_size=0 must be the pretraining context \(>= 1\), or None"),  # else: quietly block_size
+    ({'pos_encoding': 'rope', 'rope_scaling': 'yarn', 'rope_factor': 2.0, 'rope_original_block_size': -5},
+     r"rope_original_block_size=-5 must be"),  # else: a math domain error
+    ({'attn_impl': 'fast'}, r"attn_impl='fast' is not one of"),
 ])
 def test_out_of_range_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -208,6 +208,11 @@ def save_checkpoint(checkpoint, out_dir):
     return path
 
 
+# what to do about a damaged checkpoint, whichever script read it
+REMEDY = ("restore it from a copy, or delete it and train it again (train.py or finetune_long.py with "
+          "--init_from=scratch)")
+
+
 def verify_archive(path):
     """torch.save writes a zip archive that holds a CRC-32 of every record, which torch.load never
     checks: a flipped bit in the weights would load silently. zipfile checks every CRC (reading the
@@ -220,8 +225,7 @@ def verify_archive(path):
         return  # not a zip archive at all (truncated, or another file): torch.load says so below
     if damaged is not None:
         raise TrainError(f"the checkpoint {path} is damaged: its record {damaged} fails its checksum (a disk or "
-                         f"copy error). Nothing was read from it; restore it from a copy, or start over with "
-                         f"--init_from=scratch")
+                         f"copy error). Nothing was read from it; {REMEDY}")
 
 
 def load_checkpoint(path, required=CHECKPOINT_KEYS):
@@ -236,9 +240,10 @@ def load_checkpoint(path, required=CHECKPOINT_KEYS):
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [''])[0][:200]
+        what = 'truncated or corrupt (an interrupted copy?)' if zipfile.is_zipfile(path) else \
+            'truncated, or not a checkpoint at all (torch.save writes a zip archive; this file is not one)'
         raise TrainError(f"cannot read the checkpoint {path} ({type(e).__name__}: {first_line}); it is "
-                         f"truncated or corrupt (an interrupted copy?). Delete it, or start over with "
-                         f"--init_from=scratch") from e
+                         f"{what}. {REMEDY[0].upper() + REMEDY[1:]}") from e
     if not isinstance(checkpoint, dict):
         raise TrainError(f"{path} is not a checkpoint of this code (it holds a {type(checkpoint).__name__})")
     if 'format_version' in checkpoint and checkpoint['format_version'] != FORMAT_VERSION:

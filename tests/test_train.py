@@ -502,8 +502,11 @@ def test_corrupt_checkpoint(tmp_path, trained, damage):
         raw = f.read()
     with open(path, 'wb') as f:
         f.write(raw[:len(raw) // 2] if damage == 'truncate' else b'not a checkpoint' * 100)
-    with pytest.raises(runtime.TrainError, match=r"cannot read the checkpoint .*ckpt\.pt.*--init_from=scratch"):
+    with pytest.raises(runtime.TrainError, match=r"cannot read the checkpoint .*ckpt\.pt.*truncated.*--init_from=scratch"):
         train.train({'init_from': 'resume', 'out_dir': out_dir})
+    if damage == 'garbage':  # not a torch file at all: said so, not just its loader's KeyError
+        with pytest.raises(runtime.TrainError, match=r"not a checkpoint at all \(torch\.save writes a zip archive"):
+            runtime.load_checkpoint(path)
 
 
 def test_checkpoint_missing_keys_or_other_version(tmp_path, trained):

@@ -274,7 +274,12 @@ def load_split(data_dir, split):
         raise broken(f"{bin_path} is not a uint16 token file")
     if n_tokens != expected['tokens']:
         raise broken(f"{bin_path} holds {n_tokens} tokens, meta.json says {expected['tokens']}")
-    offsets = np.load(docs_path)
+    if n_tokens == 0:
+        raise broken(f"{bin_path} is empty (its split has no tokens)")
+    try:
+        offsets = np.load(docs_path)  # (allow_pickle stays False: a token index holds no objects)
+    except (ValueError, OSError) as e:
+        raise broken(f"{docs_path} is not a document index ({(str(e).splitlines() or [''])[0][:80]})") from None
     if offsets.ndim != 1 or len(offsets) != expected['docs'] + 1:
         raise broken(f"{docs_path} has shape {offsets.shape}, expected ({expected['docs'] + 1},)")
     if offsets[0] != 0 or offsets[-1] != n_tokens:

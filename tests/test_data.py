@@ -194,6 +194,21 @@ def test_reader_errors_name_the_prepare_command(tmp_path):
         f.truncate(4)
     with pytest.raises(ValueError, match="holds 2 tokens, meta.json says 9"):
         common.load_split(out, 'train')
+    # an index that is no array of offsets (here pickled objects, which are never loaded)
+    with open(os.path.join(out, 'train.bin'), 'r+b') as f:
+        f.write(b'\0' * 18)
+    np.save(os.path.join(out, 'train.docs.npy'), np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"inconsistent: .*train\.docs\.npy is not a document index") as e:
+        common.load_split(out, 'train')
+    assert cmd in str(e.value)
+    # a split with no tokens at all, consistent with its meta.json: said so, not numpy's "cannot mmap"
+    meta = common.read_meta(out)
+    meta['splits']['train'] = {**meta['splits']['train'], 'tokens': 0, 'docs': 0}
+    with open(os.path.join(out, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    open(os.path.join(out, 'train.bin'), 'wb').close()
+    with pytest.raises(ValueError, match=r"train\.bin is empty"):
+        common.load_split(out, 'train')
 
 
 def test_preparing_some_splits_keeps_the_others_of_the_same_source(tmp_path):

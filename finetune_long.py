@@ -39,6 +39,7 @@ given is otherwise taken from the pretrained run (data, tokenizer, betas, grad_c
 """
 
 import dataclasses
+import math
 import os
 import sys
 
@@ -90,6 +91,12 @@ def pretrained_path(cfg):
         raise ConfigError(f"--init_ckpt={cfg['init_ckpt']} and --init_dir={cfg['init_dir']} name different "
                           f"checkpoints; pass one of them")
     path = paths.pop()
+    if cfg['init_dir'] and os.path.isfile(cfg['init_dir']):
+        raise ConfigError(f"--init_dir={cfg['init_dir']} is a file: --init_dir takes the folder that holds "
+                          f"ckpt.pt, --init_ckpt the file itself")
+    if os.path.isdir(path):
+        raise ConfigError(f"--init_ckpt={cfg['init_ckpt']} is a folder: --init_ckpt takes the checkpoint file, "
+                          f"--init_dir the folder that holds ckpt.pt")
     if not os.path.isfile(path):
         raise ConfigError(f"no pretrained checkpoint at {path}: train one first (python train.py "
                           f"configs/tiny_tapa.py), then pass its out_dir as --init_dir")
@@ -182,8 +189,11 @@ def finetune(overrides):
     if 'block_size' in given:
         raise ConfigError("the new context is factor x the pretrained block_size: set --factor, not --block_size")
     cfg = {**DEFAULTS, **given}
-    if cfg['factor'] < 1:
-        raise ConfigError(f"factor={cfg['factor']} must be >= 1 (this script raises the context)")
+    if not 1 <= cfg['factor'] < math.inf:
+        raise ConfigError(f"factor={cfg['factor']} must be >= 1 and finite (this script raises the context)")
+    if not cfg['lr_scale'] >= 0:
+        raise ConfigError(f"lr_scale={cfg['lr_scale']} must be >= 0 (the fine-tuning peak is lr_scale x the "
+                          f"pretraining peak)")
     ckpt_path = pretrained_path(cfg)
     checkpoint = runtime.load_checkpoint(ckpt_path)
     pre = checkpoint['config']

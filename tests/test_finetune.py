@@ -245,6 +245,14 @@ def test_bad_input(tmp_path, pretrained):
         finetune_long.finetune({'out_dir': str(tmp_path / 'c')})
     with pytest.raises(ConfigError, match='no pretrained checkpoint'):
         finetune_long.finetune({'init_dir': str(tmp_path / 'nothing')})
+    ckpt = os.path.join(pretrained['rope'], 'ckpt.pt')  # the file and the folder, each in the other's place
+    with pytest.raises(ConfigError, match=r'--init_dir=.*ckpt\.pt is a file: --init_dir takes the folder'):
+        finetune_long.finetune({'init_dir': ckpt, 'out_dir': str(tmp_path / 'e')})
+    with pytest.raises(ConfigError, match=r'--init_ckpt=.* is a folder: --init_ckpt takes the checkpoint file'):
+        finetune_long.finetune({'init_ckpt': pretrained['rope'], 'out_dir': str(tmp_path / 'e')})
+    for bad, message in (({'factor': float('inf')}, 'must be >= 1 and finite'), ({'lr_scale': -1.0}, 'lr_scale=-1.0')):
+        with pytest.raises(ConfigError, match=message):
+            finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': str(tmp_path / 'e'), **bad})
     with pytest.raises(ConfigError, match='n_layer'):  # the architecture is the pretrained model's
         finetune_long.finetune({'init_dir': pretrained['rope'], 'out_dir': str(tmp_path / 'd'), 'n_layer': 3, **FT})
     # --init_from=resume on a pretraining run: it would go on pretraining, over the pretrained checkpoint

@@ -425,9 +425,11 @@ def resolve(argv):
     cfg['depth_list'] = parse_list('depths', cfg['depths'], float)
     if not cfg['depth_list'] or not all(0 <= d <= 1 for d in cfg['depth_list']):
         raise ConfigError(f"depths={cfg['depths']!r} must be fractions within [0, 1] (0: the start, 1: the end)")
-    for key in ('seeds', 'symbols', 'fillers', 'pairs', 'queries', 'eval_rows', 'train_eval_rows'):
+    for key in ('seeds', 'symbols', 'fillers', 'pairs', 'queries', 'eval_rows', 'train_eval_rows', 'jobs', 'dpi'):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is too small (it must be at least 1)")
+    if cfg['threads'] < 0:
+        raise ConfigError(f"threads={cfg['threads']} must be 0 (torch's default) or more")
     if cfg['symbols'] < 2:
         raise ConfigError(f"symbols={cfg['symbols']} must be at least 2 (keys are half of them, values the rest)")
     if not cfg['task_list']:

@@ -307,6 +307,9 @@ def test_quick_never_uses_the_full_runs_folder(tmp_path, monkeypatch):
     ('--pairs=40', 'block_size=32: recall: 40 pairs and 4 queries'),
     ('--out_dir=x', "unknown setting 'out_dir'"),
     ('--pos_encoding=rope', "unknown setting 'pos_encoding'"),
+    ('--jobs=0', 'jobs=0 is too small'),
+    ('--dpi=0', 'dpi=0 is too small'),  # else: matplotlib's error, after all the training
+    ('--threads=-1', "threads=-1 must be 0 (torch's default) or more"),
 ])
 def test_bad_settings_are_one_line_errors(arg, message):
     with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')) as e:

@@ -445,6 +445,9 @@ def test_sample_bad_device_dtype_or_prompt_file(trained, tmp_path, monkeypatch):
     missing = str(tmp_path / 'nonexistent.txt')
     with pytest.raises(ConfigError, match=r"--start=FILE:.*nonexistent\.txt: cannot read the prompt file .*No such file"):
         sample.main(args + [f'--start=FILE:{missing}'])
+    with pytest.raises(ConfigError, match=r"temperature=1e-45: use 0 for greedy decoding"):  # else: inf logits
+        sample.main(args + ['--temperature=1e-45'])
+    assert len(sample.main(args + ['--temperature=0.01', '--device=cpu'])) == 1  # the smallest allowed samples
 
 
 @pytest.mark.parametrize('change, message', [

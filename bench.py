@@ -371,6 +371,14 @@ def main():
             p.error(f"--{name} {value}: must be at least 1")
     if args.warmup < 0:
         p.error(f"--warmup {args.warmup}: must be at least 0")
+    if args.max_mem_gb is not None and not args.max_mem_gb > 0:
+        p.error(f"--max_mem_gb {args.max_mem_gb:g}: must be more than 0")
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out}: is a folder; give the path of the JSON file to write")
+    try:  # fail now, not after the whole benchmark
+        runtime.check_writable(os.path.splitext(args.out)[0])
+    except runtime.TrainError as e:
+        p.error(f"--out {args.out}: {e}")
     if args.lengths is not None:
         try:
             lengths = [int(x) for x in args.lengths.split(',') if x.strip()]
@@ -389,8 +397,8 @@ def main():
     on_gpu = device.type == 'cuda'
     if args.dtype == 'auto':
         args.dtype = 'bfloat16' if on_gpu else 'float32'
-    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        sys.exit(f"--dtype {args.dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype) or not getattr(torch, args.dtype).is_floating_point:
+        sys.exit(f"--dtype {args.dtype!r} is not a floating-point torch dtype (try float32, bfloat16, float16)")
     dtype = getattr(torch, args.dtype)
     args.batch = args.batch or (4 if on_gpu else 1)
     args.n_head = args.n_head or (16 if on_gpu else 8)

@@ -108,12 +108,16 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path):
     (['--lengths', 'abc'], '--lengths abc: expected comma-separated positive integers'),
     (['--batch', '0'], '--batch 0: must be at least 1'),  # else: quietly the default
     (['--chunk_size', '0'], '--chunk_size 0: must be at least 1'),
+    (['--max_mem_gb', '-1'], '--max_mem_gb -1: must be more than 0'),  # else: every case "skipped", exit 0
+    (['--dtype', 'int32'], "--dtype 'int32' is not a floating-point torch dtype"),
+    (['--out', 'HERE'], 'is a folder; give the path of the JSON file'),  # else: only after the benchmark
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, monkeypatch, capsys, args, message):
     # a tiny case, so that a check that is missing shows as a (quick) run rather than a long one
     out = tmp_path / 'b.json'
     monkeypatch.setattr(sys, 'argv', ['bench.py', '--device', 'cpu', '--what', 'attn', '--lengths', '64', '--impls',
-                                      'rope_sdpa', '--n_head', '2', '--threads', '1', '--out', str(out)] + args)
+                                      'rope_sdpa', '--n_head', '2', '--threads', '1', '--out', str(out)]
+                        + [str(tmp_path) if a == 'HERE' else a for a in args])
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code != 0

@@ -241,7 +241,7 @@ def load_checkpoint(path, required=CHECKPOINT_KEYS):
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [''])[0][:200]
         what = 'truncated or corrupt (an interrupted copy?)' if zipfile.is_zipfile(path) else \
-            'truncated, or not a checkpoint at all (torch.save writes a zip archive; this file is not one)'
+            'truncated or corrupt, or not a checkpoint at all (torch.save writes a zip archive; this file is not one)'
         raise TrainError(f"cannot read the checkpoint {path} ({type(e).__name__}: {first_line}); it is "
                          f"{what}. {REMEDY[0].upper() + REMEDY[1:]}") from e
     if not isinstance(checkpoint, dict):

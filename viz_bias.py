@@ -991,6 +991,10 @@ def check_settings(cfg):
             fail(key, 'must be >= 0 (0: the default)')
     if cfg['d_short'] and cfg['d_long'] and not cfg['d_short'] < cfg['d_long']:
         fail('d_short', f"must be less than --d_long={cfg['d_long']} (near distances, then far ones)")
+    if cfg['dpi'] < 1:
+        fail('dpi', 'must be at least 1')
+    if os.path.exists(cfg['out_dir']) and not os.path.isdir(cfg['out_dir']):
+        fail('out_dir', 'is a file: give a folder for the figures')
 
 
 def check_map_settings(cfg, path, config):

@@ -244,6 +244,11 @@ def test_missing_inputs_give_clear_errors(tmp_path):
         vb.parse_args(['--mc_sample=3'])
     with pytest.raises(SystemExit, match='need trained checkpoints'):
         vb.main(['--figures=delta_hist', f'--out_dir={tmp_path}'])
+    (tmp_path / 'afile').write_text('x')
+    with pytest.raises(SystemExit, match=r'--out_dir=.*afile is a file: give a folder'):
+        vb.main(['--figures=nope_mask', f"--out_dir={tmp_path / 'afile'}"])
+    with pytest.raises(SystemExit, match='--dpi=0 must be at least 1'):  # else: matplotlib's error, after the work
+        vb.main(['--figures=nope_mask', f'--out_dir={tmp_path}', '--dpi=0'])
 
 
 def test_checkpoint_as_out_dir_and_unreadable_ones(tmp_path):

@@ -154,6 +154,10 @@ def prepare_splits(out_dir, dataset, tokenizer_name, split_paths, source, num_pr
     from tokenizer import get_tokenizer
     tok = get_tokenizer(tokenizer_name)  # fail early (e.g. tiktoken offline) before any work
     assert tok.vocab_size <= np.iinfo(DTYPE).max + 1, "tokens must fit in uint16"
+    if num_proc is not None and num_proc < 1:
+        raise ValueError(f"num_proc={num_proc}: at least 1 process")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir} is a file: give a folder for the token files")
     if not overwrite:
         check_ours(out_dir, dataset)
     os.makedirs(out_dir, exist_ok=True)

@@ -494,3 +494,18 @@ def test_pg19_prepare_wrong_source_is_one_clear_line(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert f"shared/pg19_mini/train does not exist (from {tmp_path}: {tmp_path}/shared/pg19_mini/train)" in err
     assert 'train/ validation/ test/' in err
+
+
+def test_pg19_prepare_bad_out_dir_num_proc_or_empty_split_is_one_line(tmp_path, capsys):
+    src = tmp_path / 'src'
+    for split, text in (('train', 'some words'), ('validation', '')):  # every validation book empty
+        (src / split).mkdir(parents=True)
+        (src / split / '1.txt').write_text(text)
+    (tmp_path / 'afile').write_text('x')
+    for args, message in ((['--out_dir', str(tmp_path / 'afile')], 'is a file: give a folder'),
+                          (['--num_proc', '-2'], '--num_proc -2: at least 1 process'),
+                          (['--out_dir', str(tmp_path / 'o'), '--splits', 'train', 'validation'],
+                           "split 'validation' has no non-empty documents")):
+        with pytest.raises(SystemExit) as e:
+            pg19.main(['--tokenizer', 'byte', '--source', str(src), '--quiet', '--splits', 'train', *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -290,6 +290,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num_books is not None and args.num_books < 1:
         parser.error('--num_books must be at least 1')
+    if args.num_proc < 1:  # (before any download)
+        parser.error(f'--num_proc {args.num_proc}: at least 1 process')
     out_dir = args.out_dir or os.path.join(HERE, args.tokenizer)
     if not args.base_url.endswith('/'):
         args.base_url += '/'
@@ -313,9 +315,12 @@ def main(argv=None):
         where = args.base_url
     t1 = time.time()
     books = 'all books' if args.num_books is None else f'first {args.num_books} books by id'
-    meta = prepare_splits(out_dir, 'pg19', args.tokenizer, split_paths,
-                          source=f"PG-19 from {where} ({books} per split)",
-                          num_proc=args.num_proc, quiet=args.quiet, overwrite=args.overwrite)
+    try:  # (a bad --num_proc or --out_dir, or a split whose books are all empty: one line)
+        meta = prepare_splits(out_dir, 'pg19', args.tokenizer, split_paths,
+                              source=f"PG-19 from {where} ({books} per split)",
+                              num_proc=args.num_proc, quiet=args.quiet, overwrite=args.overwrite)
+    except ValueError as e:
+        parser.error(str(e))
     if not args.quiet:
         print(f"took {time.time() - t0:.1f}s ({t1 - t0:.1f}s finding/downloading books)")
     return meta

@@ -699,6 +699,9 @@ def test_paper_in_miniature_zero_shot_only_and_its_settings(tmp_path, monkeypatc
                           (['--encodings=rope,tapa_small,rope'], 'names rope twice'),
                           (['--encodings=tapa,rope,fancy'], 'no configs/tiny_fancy.py'),
                           (['--seeds=0'], '--seeds=0 must be at least 1'),
+                          (['--pretrain_iters=0'], '--pretrain_iters=0 must be at least 1'),
+                          (['--passkey_trials=0'], '--passkey_trials=0 must be at least 1'),  # else: after it all
+                          (['--abf_base=-5'], '--abf_base=-5 must be a RoPE base'),
                           (['--split=train'], '--split=train: use test'),
                           (['--max_tokens_per_length=8'], 'at least one span of 32 tokens')):
         with pytest.raises(ConfigError, match=message):

@@ -73,7 +73,7 @@ def main(argv):
                               f"({getattr(e, 'strerror', None) or e}); FILE: takes the path of a UTF-8 text "
                               f"file") from None
     dev = pick_device(cfg['device'])
-    dtype = pick_dtype(cfg['dtype'], dev)
+    dtype = pick_dtype(cfg['dtype'], dev, training=False)  # (no loss scaling to need: float16 is fine)
     autocast = autocast_for(dev, dtype)
     checkpoint = load_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
     # the tokenizer the model was trained with (older checkpoints: guess it from the vocabulary size)

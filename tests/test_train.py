@@ -448,6 +448,7 @@ def test_sample_bad_device_dtype_or_prompt_file(trained, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"temperature=1e-45: use 0 for greedy decoding"):  # else: inf logits
         sample.main(args + ['--temperature=1e-45'])
     assert len(sample.main(args + ['--temperature=0.01', '--device=cpu'])) == 1  # the smallest allowed samples
+    assert len(sample.main(args + ['--dtype=float16', '--device=cpu'])) == 1  # no training: no loss scaling needed
 
 
 @pytest.mark.parametrize('change, message', [

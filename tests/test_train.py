@@ -371,6 +371,7 @@ def test_block_size_larger_than_the_data(tmp_path):
     ({'min_lr': -1.0}, r"min_lr=-1\.0 must be within \[0, learning_rate=0\.005\]"),  # else: negative rates
     ({'min_lr': 0.01}, r"min_lr=0\.01 must be within \[0, learning_rate=0\.005\]"),  # else: an lr that rises
     ({'warmup_iters': -1}, r"warmup_iters=-1 must be >= 0"),
+    ({'tapa_phase_warmup_iters': -5}, r"tapa_phase_warmup_iters=-5 must be >= 0"),  # else: quietly no ramp
     ({'learning_rate': -1e-3}, r"learning_rate=-0\.001 must be >= 0"),
     ({'beta1': 1.0}, r"beta1=1\.0 must be within \[0, 1\)"),
     ({'beta2': -0.1}, r"beta2=-0\.1 must be within \[0, 1\)"),

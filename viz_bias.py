@@ -1011,10 +1011,14 @@ def plot_checkpoints(cfg, checkpoints, wanted):
     for path, model, ck in checkpoints:
         mc = model.config
         T = cfg['seq_len'] or mc.block_size
-        if mc.pos_encoding == 'learned':
-            T = min(T, mc.block_size)  # learned embeddings exist only up to block_size
+        if mc.pos_encoding == 'learned' and T > mc.block_size:
+            print(f"note: {path}: learned positions exist only up to {mc.block_size}: seq_len {T} cut to it")
+            T = mc.block_size
         ds = cfg['d_short'] or max(1, T // 16)
         dl = cfg['d_long'] or T // 2
+        if not 1 <= ds < dl < T:
+            raise SystemExit(f"viz_bias.py: --d_short={ds} and --d_long={dl} must be distances below the "
+                             f"sequence length {T} of {path} (1 <= d_short < d_long < {T}; --seq_len sets it)")
         tokens = load_tokens(ck, cfg['data_dir'], cfg['split'])
         if int(tokens.max()) >= mc.vocab_size:
             raise SystemExit(f"{path}: token ids up to {int(tokens.max())} but the model's vocab is {mc.vocab_size}: "

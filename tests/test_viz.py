@@ -278,6 +278,7 @@ def test_checkpoint_as_out_dir_and_unreadable_ones(tmp_path):
     ('--map_layer=2', r"--map_layer=2: .*ckpt\.pt has 2 layers, 0\.\.1 \(or -1 for the last\)"),
     ('--map_layer=-3', r"--map_layer=-3: .* has 2 layers"),
     ('--map_head=5', r"--map_head=5: .* has 2 heads, 0\.\.1"),
+    ('--d_long=100', r"--d_short=1 and --d_long=100 must be distances below the sequence length 16"),  # else: traceback
 ])
 def test_out_of_range_settings(tmp_path, arg, message):
     pytest.importorskip('matplotlib', reason='matplotlib is optional (plots only): pip install matplotlib')

@@ -449,6 +449,9 @@ def load_tokens(ckpt_dict, data_dir_override, split_name):
     tokenizer = train_cfg.get('tokenizer', 'byte')
     folder = data_dir_override or os.path.join('data', dataset, tokenizer)
     path = os.path.join(folder, f'{split_name}.bin')
+    have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.bin')) if os.path.isdir(folder) else []
+    if not os.path.exists(path) and have:  # a mistyped --split: name the ones there are
+        raise SystemExit(f"--split={split_name}: {folder} has no such split; it has {', '.join(have)}")
     if not os.path.exists(path):
         from data.common import prepare_command  # the command train.py's errors name too
         raise SystemExit(f"no {split_name} tokens at {path}: prepare them with\n    "

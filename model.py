@@ -348,7 +348,7 @@ def check_rope(cfg):
                          f"it needs a head dim of at least 4, not {head_dim}")
     if cfg.rope_scaling is not None and not cfg.rope_factor >= 1.0:
         raise ValueError(f"rope_factor={cfg.rope_factor} must be >= 1 (it is the context extension factor)")
-    if cfg.rope_original_block_size is not None and not cfg.rope_original_block_size >= 1:
+    if cfg.rope_scaling is not None and cfg.rope_original_block_size is not None and not cfg.rope_original_block_size >= 1:
         raise ValueError(f"rope_original_block_size={cfg.rope_original_block_size} must be the pretraining "
                          f"context (>= 1), or None for block_size")
     for key in ('yarn_beta_fast', 'yarn_beta_slow') if cfg.rope_scaling == 'yarn' else ():

@@ -61,8 +61,8 @@ def main(argv):
     cfg = {**DEFAULTS, **get_overrides(DEFAULTS, argv, doc=__doc__)}
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1 or cfg['temperature'] < 0 or cfg['top_k'] < 0:
         raise ConfigError("num_samples and max_new_tokens must be >= 1, temperature and top_k >= 0")
-    if 0 < cfg['temperature'] < 0.01:  # logits / 1e-45 overflow to inf; below 0.01 sampling is greedy anyway
-        raise ConfigError(f"temperature={cfg['temperature']:g}: use 0 for greedy decoding, or 0.01 or more")
+    if 0 < cfg['temperature'] < 1e-4:  # logits / temperature must stay finite (1e-45 makes them inf)
+        raise ConfigError(f"temperature={cfg['temperature']:g}: use 0 for greedy decoding, or 1e-4 or more")
     prompt = cfg['start']
     if prompt.startswith('FILE:'):  # read it first: a wrong path should not wait for the checkpoint to load
         try:

@@ -123,7 +123,8 @@ def check_settings(cfg):
     # a learning rate of 0 is allowed: steps that change nothing (a test of the plumbing may want them)
     need(cfg.learning_rate >= 0, 'learning_rate', '>= 0', 'the peak learning rate; 0 changes nothing')
     need(cfg.warmup_iters >= 0, 'warmup_iters', '>= 0', '0 = no warmup')
-    need(cfg.tapa_phase_warmup_iters >= 0, 'tapa_phase_warmup_iters', '>= 0', '0 = no ramp')
+    if cfg.pos_encoding == 'tapa':
+        need(cfg.tapa_phase_warmup_iters >= 0, 'tapa_phase_warmup_iters', '>= 0', '0 = no ramp')
     if cfg.decay_lr:
         need(0 <= cfg.min_lr <= cfg.learning_rate, 'min_lr', f"within [0, learning_rate={cfg.learning_rate:g}]",
              'the schedule decays from learning_rate down to min_lr; learning_rate / 10 is usual')

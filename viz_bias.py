@@ -450,7 +450,7 @@ def load_tokens(ckpt_dict, data_dir_override, split_name):
     folder = data_dir_override or os.path.join('data', dataset, tokenizer)
     path = os.path.join(folder, f'{split_name}.bin')
     have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.bin')) if os.path.isdir(folder) else []
-    if not os.path.exists(path) and have:  # a mistyped --split: name the ones there are
+    if not os.path.exists(path) and have and split_name not in ('train', 'validation', 'test'):  # mistyped
         raise SystemExit(f"--split={split_name}: {folder} has no such split; it has {', '.join(have)}")
     if not os.path.exists(path):
         from data.common import prepare_command  # the command train.py's errors name too

@@ -282,7 +282,7 @@ def load_split(data_dir, split):
         raise broken(f"{bin_path} is empty (its split has no tokens)")
     try:
         offsets = np.load(docs_path)  # (allow_pickle stays False: a token index holds no objects)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # (EOFError: an empty file)
         raise broken(f"{docs_path} is not a document index ({(str(e).splitlines() or [''])[0][:80]})") from None
     if offsets.ndim != 1 or len(offsets) != expected['docs'] + 1:
         raise broken(f"{docs_path} has shape {offsets.shape}, expected ({expected['docs'] + 1},)")

@@ -619,10 +619,12 @@ def main(argv):
     if cfg['finetune'] and (tapa is None or 'rope' not in pes):
         raise ConfigError(f"--encodings={cfg['encodings']} must include a TAPA config (e.g. tapa_small_linear) and "
                           f"rope: the fine-tuned comparison is theirs (--finetune=False: zero-shot rows only)")
-    for key in ('seeds', 'pretrain_iters', 'finetune_iters', 'passkey_trials'):  # (before any step runs)
+    used = ['seeds', 'pretrain_iters'] + (['finetune_iters'] + (['passkey_trials'] if cfg['passkey'] else [])
+                                          if cfg['finetune'] else [])
+    for key in used:  # (before any step runs)
         if cfg[key] < 1:
             raise ConfigError(f"--{key}={cfg[key]} must be at least 1")
-    if not cfg['abf_base'] > 1:
+    if cfg['finetune'] and not cfg['abf_base'] > 1:
         raise ConfigError(f"--abf_base={cfg['abf_base']:g} must be a RoPE base, > 1 (the ABF paper's 500000)")
     if cfg['split'] not in ('validation', 'test'):
         raise ConfigError(f"--split={cfg['split']}: use test (the report) or validation (where the learning rates "

@@ -201,6 +201,9 @@ def test_reader_errors_name_the_prepare_command(tmp_path):
     with pytest.raises(ValueError, match=r"inconsistent: .*train\.docs\.npy is not a document index") as e:
         common.load_split(out, 'train')
     assert cmd in str(e.value)
+    open(os.path.join(out, 'train.docs.npy'), 'wb').close()  # an empty file: numpy's EOFError
+    with pytest.raises(ValueError, match=r"train\.docs\.npy is not a document index"):
+        common.load_split(out, 'train')
     # a split with no tokens at all, consistent with its meta.json: said so, not numpy's "cannot mmap"
     meta = common.read_meta(out)
     meta['splits']['train'] = {**meta['splits']['train'], 'tokens': 0, 'docs': 0}

@@ -243,6 +243,8 @@ def test_missing_inputs_give_clear_errors(tmp_path):
     np.arange(1, 9, dtype=np.uint16).tofile(tmp_path / 'train.bin')
     with pytest.raises(SystemExit, match=r'--split=valdation: .* has no such split; it has train$'):
         vb.load_tokens(ck, str(tmp_path), 'valdation')
+    with pytest.raises(SystemExit, match='prepare.py --tokenizer byte'):  # a split not prepared yet: how to
+        vb.load_tokens(ck, str(tmp_path), 'validation')
     with pytest.raises(SystemExit, match='unknown setting'):
         vb.parse_args(['--mc_sample=3'])
     with pytest.raises(SystemExit, match='need trained checkpoints'):

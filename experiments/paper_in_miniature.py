@@ -208,12 +208,15 @@ def same_record(path, inputs_now):
     return record is not None and record == inputs_now()
 
 
-def skip_finished(steps, finished, why):
-    """The steps that are not finished(argv) yet; each one left out is printed with why."""
+def skip_finished(steps, finished, why, cfg):
+    """The steps that are not finished(argv) yet; each one left out is printed with why, and written to
+    commands.sh all the same (marked), so that it lists every command of the result, reused or run."""
     todo = []
     for name, argv in steps:
         if finished(argv):
             print(f"  {name}: {show(argv)} finished before, {why}: not run again", flush=True)
+            with open(os.path.join(cfg['out'], 'commands.sh'), 'a') as f:
+                f.write(f"{show(argv)}  # finished before: reused\n")
         else:
             todo.append((name, argv))
     return todo
@@ -710,7 +713,7 @@ def main(argv):
         pretrain = [(f'pretrain_{pe}-s{sd}', [py, 'train.py', f'configs/tiny_{pe}.py', f'--out_dir={ck(pe, sd)}',
                                                f'--seed={sd}', f'--max_iters={n}', f'--lr_decay_iters={n}']
                      + data + quick_train) for sd in seeds for pe in pes]
-        run_steps(skip_finished(pretrain, finished_training, 'with these settings'), cfg, times, save=times_path)
+        run_steps(skip_finished(pretrain, finished_training, 'with these settings', cfg), cfg, times, save=times_path)
 
         # 3. zero-shot evaluation, and RoPE with inference-time extension (no fine-tuning): eval_ppl.py's
         # own protocol (spans) on the report's split, every seed's models on the same spans
@@ -727,7 +730,7 @@ def main(argv):
             """The eval_ppl.py (and eval_passkey.py) steps, but those already done; an evaluation's
             inputs are recorded as soon as it finishes, for finished_evaluation."""
             steps = skip_finished(steps, lambda argv: finished_evaluation(argv, folder, cfg['split']),
-                                  'on the same checkpoints and text')
+                                  'on the same checkpoints and text', cfg)
 
             def record(name, argv):
                 with open(setting(argv, 'out') + '.inputs.json', 'w') as f:
@@ -743,7 +746,7 @@ def main(argv):
                                                  f'--init_dir={ck(src, sd)}', f'--out_dir={ck(name, sd)}',
                                                  f'--seed={sd}', f'--max_iters={m}'] + extra + quick_ft)
                      for sd in seeds for name, _, src, extra in finetunes]
-            steps = skip_finished(steps, finished_finetune, 'from the same pretrained model')
+            steps = skip_finished(steps, finished_finetune, 'from the same pretrained model', cfg)
 
             def record_finetune(name, argv):  # as soon as it has finished, for finished_finetune
                 with open(os.path.join(setting(argv, 'out_dir'), 'finetune.inputs.json'), 'w') as f:

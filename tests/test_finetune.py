@@ -404,6 +404,9 @@ def test_paper_in_miniature_quick_with_two_seeds(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in evals} == written
     assert again['perplexity'][0]['results'][Ls[0]]['mean'] == rows[0]['results'][Ls[0]]['mean']
     assert again['command'].endswith('--finetune=False')  # its own command, not one of its steps'
+    # commands.sh still lists every command of the result, the reused ones marked
+    reused = (out / 'commands.sh').read_text()
+    assert reused.count('python train.py configs/tiny_') == 8 and reused.count('# finished before: reused') == 20
     # the steps it reused keep the wall time of the invocation that ran them
     first_times = summary['step_seconds']
     assert {f'pretrain_{pe}-s{sd}' for pe in ('tapa_small_linear', 'rope') for sd in seeds} <= set(first_times)

@@ -323,6 +323,9 @@ def apply_overrides(model, attn_impl='auto', rope_scaling='keep', rope_factor=0.
         pe.update(rope)
         scaling = pe.get('rope_scaling', cfg.rope_scaling)
         factor = pe.get('rope_factor', cfg.rope_factor)
+        if scaling is None and rope_factor:
+            raise ValueError(f"rope_factor={rope_factor:g} does nothing without a rope_scaling: pass one too, e.g. "
+                             f"--rope_scaling=yarn --rope_factor={rope_factor:g}")
         if scaling in ('pi', 'ntk', 'yarn') and factor <= 1.0:
             raise ValueError(f"rope_scaling={scaling} with rope_factor={factor} changes nothing: pass the "
                              f"extension factor, e.g. --rope_factor=16 to reach 16x the trained length")

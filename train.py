@@ -138,6 +138,9 @@ def check_settings(cfg):
     need(cfg.out_dir != '', 'out_dir', 'a folder name', 'where ckpt.pt and log.jsonl are written')
     need(not os.path.isfile(cfg.out_dir), 'out_dir', 'a folder, not an existing file',
          'where ckpt.pt and log.jsonl are written')
+    if cfg.pos_encoding in ('rope', 'xpos') and cfg.rope_scaling is None and cfg.rope_factor != 1.0:
+        raise ConfigError(f"rope_factor={cfg.rope_factor:g} does nothing without a rope_scaling (pi, ntk, yarn): "
+                          f"set one, or leave rope_factor at 1")
     if cfg.wandb_log and importlib.util.find_spec('wandb') is None:
         raise ConfigError("wandb_log=True needs the wandb package: pip install wandb (or drop --wandb_log)")
     try:  # the model's settings: model.check_config is their one validator

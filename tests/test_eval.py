@@ -189,6 +189,8 @@ def test_config_parsing_rejects_unknown_and_mistyped_settings():
 def test_rope_scaling_override_needs_a_factor():
     with pytest.raises(ValueError, match='rope_factor'):
         eval_ppl.apply_overrides(tiny_gpt('rope'), rope_scaling='yarn')
+    with pytest.raises(ValueError, match=r'rope_factor=4 does nothing without a rope_scaling'):  # else: ignored
+        eval_ppl.apply_overrides(tiny_gpt('rope'), rope_factor=4.0)
     model = tiny_gpt('rope')
     eval_ppl.apply_overrides(model, rope_scaling='yarn', rope_factor=4.0)
     cfg = model.config

@@ -397,6 +397,7 @@ def test_block_size_larger_than_the_data(tmp_path):
     ({'pos_encoding': 'rope', 'rope_scaling': 'yarn', 'rope_factor': 2.0, 'rope_original_block_size': -5},
      r"rope_original_block_size=-5 must be"),  # else: a math domain error
     ({'attn_impl': 'fast'}, r"attn_impl='fast' is not one of"),
+    ({'pos_encoding': 'rope', 'rope_factor': 0.25}, r"rope_factor=0\.25 does nothing without a rope_scaling"),
 ])
 def test_out_of_range_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

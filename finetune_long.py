@@ -94,7 +94,7 @@ def pretrained_path(cfg):
     if cfg['init_dir'] and os.path.isfile(cfg['init_dir']):
         raise ConfigError(f"--init_dir={cfg['init_dir']} is a file: --init_dir takes the folder that holds "
                           f"ckpt.pt, --init_ckpt the file itself")
-    if os.path.isdir(path):
+    if cfg['init_ckpt'] and os.path.isdir(cfg['init_ckpt']):
         raise ConfigError(f"--init_ckpt={cfg['init_ckpt']} is a folder: --init_ckpt takes the checkpoint file, "
                           f"--init_dir the folder that holds ckpt.pt")
     if not os.path.isfile(path):

@@ -243,7 +243,7 @@ def load_checkpoint(path, required=CHECKPOINT_KEYS):
         what = 'truncated or corrupt (an interrupted copy?)' if zipfile.is_zipfile(path) else \
             'truncated or corrupt, or not a checkpoint at all (torch.save writes a zip archive; this file is not one)'
         raise TrainError(f"cannot read the checkpoint {path} ({type(e).__name__}: {first_line}); it is "
-                         f"{what}. {REMEDY[0].upper() + REMEDY[1:]}") from e
+                         f"{what}. {REMEDY.capitalize()}") from e
     if not isinstance(checkpoint, dict):
         raise TrainError(f"{path} is not a checkpoint of this code (it holds a {type(checkpoint).__name__})")
     if 'format_version' in checkpoint and checkpoint['format_version'] != FORMAT_VERSION:

@@ -449,10 +449,10 @@ def load_tokens(ckpt_dict, data_dir_override, split_name):
     tokenizer = train_cfg.get('tokenizer', 'byte')
     folder = data_dir_override or os.path.join('data', dataset, tokenizer)
     path = os.path.join(folder, f'{split_name}.bin')
-    have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.bin')) if os.path.isdir(folder) else []
-    if not os.path.exists(path) and have and split_name not in ('train', 'validation', 'test'):  # mistyped
-        raise SystemExit(f"--split={split_name}: {folder} has no such split; it has {', '.join(have)}")
     if not os.path.exists(path):
+        have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.bin')) if os.path.isdir(folder) else []
+        if have and split_name not in ('train', 'validation', 'test'):  # a mistyped --split: name the real ones
+            raise SystemExit(f"--split={split_name}: {folder} has no such split; it has {', '.join(have)}")
         from data.common import prepare_command  # the command train.py's errors name too
         raise SystemExit(f"no {split_name} tokens at {path}: prepare them with\n    "
                          f"{prepare_command(os.path.join('data', dataset, tokenizer))}\n"

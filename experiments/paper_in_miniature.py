@@ -196,15 +196,20 @@ def digests(paths):
     return out
 
 
+def read_json(path):
+    """The JSON value in the file at path, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def same_record(path, inputs_now):
     """True when the JSON record at path (written when a step finished) equals inputs_now(), the
     inputs that step would read today. A missing or unreadable record, or a record of None (from a
     file that was missing then), never counts as finished."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return False
+    record = read_json(path)
     return record is not None and record == inputs_now()
 
 
@@ -622,9 +627,10 @@ def main(argv):
     if cfg['finetune'] and (tapa is None or 'rope' not in pes):
         raise ConfigError(f"--encodings={cfg['encodings']} must include a TAPA config (e.g. tapa_small_linear) and "
                           f"rope: the fine-tuned comparison is theirs (--finetune=False: zero-shot rows only)")
-    used = ['seeds', 'pretrain_iters'] + (['finetune_iters'] + (['passkey_trials'] if cfg['passkey'] else [])
-                                          if cfg['finetune'] else [])
-    for key in used:  # (before any step runs)
+    used = ['seeds', 'pretrain_iters']  # the counts this run uses, checked before any step runs
+    if cfg['finetune']:
+        used += ['finetune_iters'] + (['passkey_trials'] if cfg['passkey'] else [])
+    for key in used:
         if cfg[key] < 1:
             raise ConfigError(f"--{key}={cfg[key]} must be at least 1")
     if cfg['finetune'] and not cfg['abf_base'] > 1:
@@ -663,11 +669,7 @@ def main(argv):
     t_start, cpu_start, load_start = time.time(), cpu_seconds(), os.getloadavg()
     # every step's wall seconds, kept across invocations (a resumed run reports the steps it reused too)
     times_path = os.path.join(out_dir, 'step_seconds.json')
-    try:
-        with open(times_path) as f:
-            times = json.load(f)
-    except (OSError, ValueError):
-        times = {}
+    times = read_json(times_path) or {}
     py = 'python'
     # the evaluations of each stage: (name, [(run, label)], extra eval_ppl.py settings), once per seed.
     # One eval_ppl.py command per model, all on the same spans: --jobs runs them side by side, and a
